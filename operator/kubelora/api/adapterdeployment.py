@@ -1,0 +1,147 @@
+"""AdapterDeployment: a vLLM (or CPU) server with LoRA adapters attached at runtime."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kubelora.api.common import AnyUri, ApiModel, Condition, Digest, Resources, SecretName
+from kubelora.api.reasons import DeploymentPhase
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
+
+
+class ServedBaseModel(ApiModel):
+    """The base model every replica serves."""
+
+    uri: AnyUri  # type: ignore[valid-type]
+    """pvc://, s3://, https://, hf:// or file:// location of the base model."""
+    served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", max_length=128)
+    """The model name clients send for the base model."""
+    credentials_secret_ref: SecretName | None = None
+
+
+class VllmSpec(ApiModel):
+    """vLLM engine settings (also honoured by the CPU engine where they apply)."""
+
+    image: str = ""
+    """Server image; empty uses the operator's default."""
+    max_loras: int = Field(default=4, ge=1, le=256)
+    """Adapters resident on the GPU at once (--max-loras)."""
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
+    """Largest adapter rank accepted (--max-lora-rank)."""
+    max_cpu_loras: int = Field(default=8, ge=1, le=1024)
+    """Adapters cached in CPU memory (--max-cpu-loras); also the most adapters one deployment may list."""
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    extra_args: list[str] = Field(default_factory=list)
+    """Appended to the vLLM command line."""
+
+    @model_validator(mode="after")
+    def _cpu_loras_cover_gpu_loras(self) -> VllmSpec:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"vllm.maxCpuLoras ({self.max_cpu_loras}) must be >= vllm.maxLoras ({self.max_loras})")
+        return self
+
+
+class LoRAJobRef(ApiModel):
+    """A LoRAJob in the same namespace whose published adapter is served."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+
+
+class AdapterSource(ApiModel):
+    """One adapter to serve: from a LoRAJob or from a URI."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
+    """The model name clients send to /v1/chat/completions to use this adapter."""
+    lora_job_ref: LoRAJobRef | None = None
+    uri: AnyUri | None = None  # type: ignore[valid-type]
+    """An adapter directory: pvc://, s3://, https:// or file://."""
+    digest: Digest | None = None
+    """Optional sha256 pin; a mismatch fails this adapter only."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> AdapterSource:
+        if (self.lora_job_ref is None) == (self.uri is None):
+            raise ValueError(f"adapter {self.name!r}: set exactly one of loraJobRef or uri")
+        if self.uri is not None and self.uri.startswith("hf://"):
+            raise ValueError(f"adapter {self.name!r}: hf:// is for base models; use pvc://, s3://, https:// or file://")
+        return self
+
+
+class ServiceSpec(ApiModel):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+
+class AdapterDeploymentSpec(ApiModel):
+    """Desired state of an AdapterDeployment."""
+
+    base_model: ServedBaseModel
+    replicas: int = Field(default=1, ge=0, le=100)
+    engine: Literal["vllm", "cpu"] = "vllm"
+    """vllm on GPUs; cpu is a transformers+peft engine for local clusters and tests."""
+    vllm: VllmSpec = Field(default_factory=VllmSpec)
+    resources: Resources = Field(default_factory=Resources)
+    adapters: list[AdapterSource] = Field(default_factory=list)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, adapters: list[AdapterSource]) -> list[AdapterSource]:
+        seen: set[str] = set()
+        for adapter in adapters:
+            if adapter.name in seen:
+                raise ValueError(f"adapter name {adapter.name!r} is listed twice; names must be unique")
+            seen.add(adapter.name)
+        return adapters
+
+    @model_validator(mode="after")
+    def _names_do_not_shadow_base(self) -> AdapterDeploymentSpec:
+        for adapter in self.adapters:
+            if adapter.name == self.base_model.served_name:
+                raise ValueError(f"adapter name {adapter.name!r} equals baseModel.servedName; pick another name")
+        return self
+
+
+AdapterState = Literal["Pending", "Downloading", "Loading", "Loaded", "Unloading", "Failed"]
+
+
+class AdapterStatus(ApiModel):
+    """One adapter, aggregated over replicas."""
+
+    name: str
+    state: AdapterState = "Pending"
+    digest: str | None = None
+    uri: str | None = None
+    loaded_replicas: int = 0
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str | None = None
+
+
+class AdapterDeploymentStatus(ApiModel):
+    """Observed state of an AdapterDeployment."""
+
+    phase: DeploymentPhase = DeploymentPhase.PENDING
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+    adapters: list[AdapterStatus] = Field(default_factory=list)
+    adapters_ready: str = "0/0"
+    """Loaded adapters / desired adapters, for the printer column."""
+
+
+class AdapterDeployment(ApiModel):
+    """A multi-LoRA inference server."""
+
+    api_version: Literal["kubelora.io/v1alpha1"] = "kubelora.io/v1alpha1"
+    kind: Literal["AdapterDeployment"] = "AdapterDeployment"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: AdapterDeploymentSpec
+    status: AdapterDeploymentStatus | None = None

@@ -1,0 +1,223 @@
+"""LoRAJob: fine-tune a base model with QLoRA or LoRA and publish a verifiable adapter."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from kubelora.api.common import (
+    AnyUri,
+    ApiModel,
+    Condition,
+    Digest,
+    Resources,
+    SecretName,
+    UriField,
+)
+from kubelora.api.reasons import JobPhase
+
+DEFAULT_EVAL_SPLIT = 0.1
+
+
+class BaseModelSource(ApiModel):
+    """The model to fine-tune."""
+
+    uri: AnyUri  # type: ignore[valid-type]
+    """pvc://claim/dir, s3://bucket/key, https://..., hf://org/name[@revision] or file:///abs/dir."""
+    credentials_secret_ref: SecretName | None = None
+    """Name of a Secret in the same namespace: HF_TOKEN for hf://, AWS_* keys for s3://."""
+
+
+class DatasetSource(ApiModel):
+    """The training data: JSON Lines, JSON or Parquet, one file or a directory."""
+
+    uri: UriField("pvc", "s3", "https", "file")  # type: ignore[valid-type]
+    """Where the data is: pvc://, s3://, https:// or file:// (.jsonl, .json, .parquet or a directory)."""
+    format: Literal["auto", "messages", "prompt-completion", "text"] = "auto"
+    """Row shape. auto detects it from the first row's keys."""
+    eval_split: float | None = Field(default=None, ge=0.0, le=0.5)
+    """Fraction held out for evaluation (deterministic by seed). Default 0.1 unless evalUri is set."""
+    eval_uri: UriField("pvc", "s3", "https", "file") | None = None  # type: ignore[valid-type]
+    """A separate evaluation set, instead of evalSplit."""
+    credentials_secret_ref: SecretName | None = None
+    """Secret with AWS_* keys for s3:// URIs."""
+
+    @model_validator(mode="after")
+    def _split_xor_uri(self) -> DatasetSource:
+        if self.eval_uri and self.eval_split:
+            raise ValueError("dataset: set either evalSplit or evalUri, not both")
+        return self
+
+    @property
+    def effective_eval_split(self) -> float:
+        if self.eval_uri:
+            return 0.0
+        return DEFAULT_EVAL_SPLIT if self.eval_split is None else self.eval_split
+
+
+class LoraSpec(ApiModel):
+    """The adapter's shape (peft LoraConfig)."""
+
+    r: int = Field(default=16, ge=1, le=512)
+    """Rank of the update matrices. vLLM serves ranks up to its maxLoraRank (at most 512)."""
+    alpha: float = Field(default=32, gt=0, le=4096)
+    """Scaling numerator (lora_alpha); the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: str = Field(default="all-linear", pattern=r"^(all-linear|[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*)$")
+    """all-linear, or a comma-separated list of module names such as q_proj,v_proj."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+    @property
+    def target_modules_value(self) -> str | list[str]:
+        return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
+
+
+class QuantizationSpec(ApiModel):
+    """4-bit loading of the frozen base (bitsandbytes); method qlora only."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+Optimizer = Literal[
+    "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd"
+]
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters (TRL SFTConfig). Defaults follow the QLoRA recipe."""
+
+    epochs: int = Field(default=3, ge=1, le=100)
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs); handy for smoke runs."""
+    learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0)
+    scheduler: Scheduler = "cosine"
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=4, ge=1, le=1024)
+    """Per-device micro-batch size."""
+    gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024)
+    max_seq_length: int = Field(default=2048, ge=16, le=131072)
+    """Longest tokenized sample allowed; longer samples fail pre-flight with their line number."""
+    packing: bool = True
+    """Pack samples into full rows on GPU (padding-free batching on CPU)."""
+    gradient_checkpointing: bool = True
+    optimizer: Optimizer = "paged_adamw_32bit"
+    eval_steps: int = Field(default=50, ge=1)
+    save_steps: int = Field(default=50, ge=1)
+    """Checkpoint interval; a retried or resumed Job continues from the newest checkpoint."""
+    seed: int = Field(default=42, ge=0)
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter is published (rev-<revision>/ below this URI)."""
+
+    uri: UriField("pvc", "s3", "file")  # type: ignore[valid-type]
+    """pvc://, s3:// or file:// directory."""
+    credentials_secret_ref: SecretName | None = None
+
+
+class LoRAJobSpec(ApiModel):
+    """Desired state of a LoRAJob."""
+
+    base_model: BaseModelSource
+    dataset: DatasetSource
+    output: OutputSpec
+    method: Literal["qlora", "lora"] = "qlora"
+    """qlora loads the frozen base in 4 bits; lora in bf16/fp32."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: QuantizationSpec | None = None
+    """qlora only; defaults to nf4 + double quant + bfloat16 compute."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    resources: Resources = Field(default_factory=Resources)
+    image: str = ""
+    """Trainer image; empty uses the operator's default."""
+    backoff_limit: int = Field(default=2, ge=0, le=20)
+    """Retries of the training pod; each resumes from the newest checkpoint."""
+    active_deadline_seconds: int = Field(default=86400, ge=60)
+    suspend: bool = False
+    """true stops training and keeps checkpoints; false resumes from the newest one."""
+
+    @model_validator(mode="after")
+    def _quantization_only_for_qlora(self) -> LoRAJobSpec:
+        if self.method == "lora" and self.quantization is not None:
+            raise ValueError("quantization is only used with method: qlora; remove it or set method: qlora")
+        return self
+
+    @property
+    def effective_quantization(self) -> QuantizationSpec | None:
+        if self.method != "qlora":
+            return None
+        return self.quantization or QuantizationSpec()
+
+    def training_fields(self) -> dict[str, Any]:
+        """The fields that define what is trained; they cannot change while a run is in progress."""
+        return self.model_dump(
+            mode="json", by_alias=True, include={"base_model", "dataset", "output", "method", "lora",
+                                                 "quantization", "training"})
+
+
+class Progress(ApiModel):
+    """Live training progress, published by the trainer."""
+
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    percent: int = Field(default=0, ge=0, le=100)
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    last_checkpoint: str | None = None
+    updated_at: str | None = None
+
+
+class AdapterInfo(ApiModel):
+    """The published adapter."""
+
+    uri: str
+    digest: Digest
+    size_bytes: int = Field(ge=0)
+    rank: int = Field(ge=1)
+    base_model: str
+    peft_type: str = "LORA"
+
+
+class LoRAJobStatus(ApiModel):
+    """Observed state of a LoRAJob."""
+
+    phase: JobPhase = JobPhase.PENDING
+    observed_generation: int | None = None
+    revision: int | None = None
+    """The generation whose spec is being (or was) trained; output goes to rev-<revision>/."""
+    conditions: list[Condition] = Field(default_factory=list)
+    job_name: str | None = None
+    validation_job_name: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    attempts: int = 0
+    progress: Progress | None = None
+    adapter: AdapterInfo | None = None
+    message: str | None = None
+    """Human summary of the latest transition."""
+
+    @field_validator("conditions")
+    @classmethod
+    def _sorted(cls, value: list[Condition]) -> list[Condition]:
+        return sorted(value, key=lambda c: c.type)
+
+
+class LoRAJob(ApiModel):
+    """A QLoRA/LoRA fine-tuning run."""
+
+    api_version: Literal["kubelora.io/v1alpha1"] = "kubelora.io/v1alpha1"
+    kind: Literal["LoRAJob"] = "LoRAJob"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: LoRAJobSpec
+    status: LoRAJobStatus | None = None

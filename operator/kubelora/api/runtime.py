@@ -1,0 +1,107 @@
+"""Wire formats between components (not CRDs): operator -> trainer, trainer -> operator, operator <-> agent.
+
+Keeping them beside the API models means a field renamed on one side fails the other side's tests.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kubelora.api.adapterdeployment import AdapterState
+from kubelora.api.common import ApiModel
+from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
+
+MANIFEST_FILE = "kubelora-manifest.json"
+TRAINER_CONFIG_PATH = "/etc/kubelora/job.json"
+DESIRED_ADAPTERS_KEY = "adapters.json"
+ADAPTER_CACHE_DIR = "/var/cache/kubelora/adapters"
+
+
+class TrainerRunConfig(ApiModel):
+    """What the operator hands the trainer (ConfigMap key job.json)."""
+
+    name: str
+    namespace: str
+    revision: int = Field(ge=1)
+    spec: LoRAJobSpec
+
+
+class ValidationStats(ApiModel):
+    """Pre-flight findings on the dataset."""
+
+    train_rows: int
+    eval_rows: int
+    format: str
+    max_tokens: int | None = None
+    mean_tokens: float | None = None
+    total_tokens: int | None = None
+
+
+class TrainerResult(ApiModel):
+    """The trainer's termination message: one JSON object."""
+
+    ok: bool
+    reason: str = ""
+    message: str = ""
+    adapter: AdapterInfo | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    validation: ValidationStats | None = None
+
+
+class AdapterManifest(ApiModel):
+    """kubelora-manifest.json: written last, so an adapter without it is incomplete."""
+
+    digest: str
+    """sha256 over the sorted (relative path, file sha256) pairs of every other file."""
+    files: dict[str, str]
+    """Relative path -> sha256 hex of that file."""
+    size_bytes: int
+    base_model: str
+    peft_type: str = "LORA"
+    rank: int
+    lora_alpha: float
+    target_modules: list[str] | str
+    method: Literal["qlora", "lora"]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    created_at: str
+    source: str = ""
+    """namespace/name@revision of the LoRAJob that produced it."""
+
+
+class DesiredAdapter(ApiModel):
+    name: str
+    uri: str
+    digest: str | None = None
+
+
+class DesiredAdapters(ApiModel):
+    """ConfigMap <ad>-adapters, key adapters.json: what every replica's agent must load."""
+
+    base_model: str
+    served_name: str
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+    adapters: list[DesiredAdapter] = Field(default_factory=list)
+
+
+class AgentAdapterState(ApiModel):
+    name: str
+    state: AdapterState
+    digest: str | None = None
+    uri: str | None = None
+    reason: str = ""
+    message: str = ""
+    since: str | None = None
+
+
+class AgentReport(ApiModel):
+    """GET :8081/adapters of one replica's agent."""
+
+    pod: str = ""
+    engine_ready: bool = False
+    generation: str = ""
+    """resourceVersion of the ConfigMap the agent last applied."""
+    adapters: list[AgentAdapterState] = Field(default_factory=list)
