@@ -1,0 +1,67 @@
+"""``kubelora-operator``: run the KubeLoRA operator.
+
+    kubelora-operator --all-namespaces            # cluster-wide
+    kubelora-operator -n ml -n research --log-format json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from kubelora.settings import Settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                           "message": record.getMessage()})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    base = Settings.from_env()
+    parser = argparse.ArgumentParser(prog="kubelora-operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--namespace", action="append", default=None, help="namespace to watch (repeatable)")
+    parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--trainer-image", default=base.trainer_image)
+    parser.add_argument("--server-image", default=base.server_image)
+    parser.add_argument("--peering", default=base.peering, help="kopf peering name for HA; omit to run standalone")
+    parser.add_argument("--log-format", choices=["text", "json"], default=base.log_format)
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' disables)")
+    args = parser.parse_args(argv)
+    namespaces = [] if args.all_namespaces else (args.namespace or base.namespaces)
+    settings = base.model_copy(update={
+        "namespaces": namespaces, "trainer_image": args.trainer_image, "server_image": args.server_image,
+        "peering": args.peering or None, "log_format": args.log_format})
+    return settings, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, args = parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+    import kopf
+
+    from kubelora import handlers
+
+    handlers.configure(settings)
+    asyncio.run(kopf.operator(
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=settings.peering is None,
+        peering_name=settings.peering or "kubelora",
+        liveness_endpoint=args.liveness or None,
+    ))
+
+
+if __name__ == "__main__":
+    main()

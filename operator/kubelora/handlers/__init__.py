@@ -1,0 +1,36 @@
+"""Thin kopf handlers. Importing this package registers them; ``configure`` holds every kopf setting."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubelora.settings import Settings
+
+SETTINGS = Settings()
+
+
+def configure(settings: Settings) -> None:
+    """Called once before kopf starts: the handlers read ``SETTINGS`` instead of the environment."""
+    global SETTINGS
+    SETTINGS = settings
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Our own names, so two operators of different projects never fight over annotations.
+    settings.persistence.finalizer = "kubelora.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubelora.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubelora.io", key="last-handled-configuration")
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    if SETTINGS.peering:
+        settings.peering.name = SETTINGS.peering
+        settings.peering.mandatory = True
+
+
+from kubelora.handlers import adapterdeployment, lorajob  # noqa: E402,F401  (registers handlers)

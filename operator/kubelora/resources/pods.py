@@ -1,0 +1,141 @@
+"""Pieces every pod the operator builds shares: labels, owner references, security, URIs as volumes/env."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubelora.api.common import API_VERSION, Resources
+from kubelora.api.uris import DEFAULT_PVC_ROOT, PvcURI, S3URI, HfURI, parse_uri
+
+Manifest = dict[str, Any]
+APP_LABEL = "app.kubernetes.io/name"
+PART_OF = "app.kubernetes.io/part-of"
+MANAGED_BY = "app.kubernetes.io/managed-by"
+COMPONENT = "app.kubernetes.io/component"
+INSTANCE = "app.kubernetes.io/instance"
+LORAJOB_LABEL = "kubelora.io/lorajob"
+DEPLOYMENT_LABEL = "kubelora.io/adapterdeployment"
+
+
+def owner_reference(body: Mapping[str, Any]) -> Manifest:
+    """The controller reference that makes garbage collection remove children with their owner."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body.get("apiVersion", API_VERSION),
+        "kind": body["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_meta(name: str, body: Mapping[str, Any], labels: Mapping[str, str]) -> Manifest:
+    return {
+        "name": name,
+        "namespace": body["metadata"]["namespace"],
+        "labels": {PART_OF: "kubelora", MANAGED_BY: "kubelora-operator", **labels},
+        "ownerReferences": [owner_reference(body)],
+    }
+
+
+def container_security_context() -> Manifest:
+    """Restricted Pod Security Standard: non-root, no privilege escalation, no capabilities."""
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_security_context() -> Manifest:
+    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def claim_volume_name(claim: str) -> str:
+    return "pvc-" + claim.replace(".", "-")[:59]
+
+
+def pvc_claims(uris: Iterable[str | None]) -> list[str]:
+    """Claims the pod must mount, in a stable order, so the pod template does not churn."""
+    claims = {parsed.claim for uri in uris if uri for parsed in [parse_uri(uri)] if isinstance(parsed, PvcURI)}
+    return sorted(claims)
+
+
+def pvc_volumes(claims: Iterable[str], read_only: bool = False) -> tuple[list[Manifest], list[Manifest]]:
+    """Volumes and mounts for ``pvc://`` URIs: each claim at /mnt/pvc/<claim> (see docs/design.md)."""
+    volumes, mounts = [], []
+    for claim in claims:
+        name = claim_volume_name(claim)
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": name, "mountPath": f"{DEFAULT_PVC_ROOT}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+_S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+def credential_env(uri: str, secret_ref: str | None) -> list[Manifest]:
+    """Env vars that carry a Secret's keys to the process; the values never appear in a manifest or log."""
+    if not secret_ref:
+        return []
+    parsed = parse_uri(uri)
+    if isinstance(parsed, S3URI):
+        keys: tuple[str, ...] = _S3_KEYS
+    elif isinstance(parsed, HfURI):
+        keys = ("HF_TOKEN",)
+    else:
+        keys = ("HF_TOKEN", *_S3_KEYS)
+    return [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret_ref, "key": key, "optional": True}}}
+        for key in keys
+    ]
+
+
+def merge_env(*groups: Iterable[Manifest]) -> list[Manifest]:
+    """Concatenate env lists; the first definition of a name wins (Kubernetes would keep the last)."""
+    seen: set[str] = set()
+    out = []
+    for group in groups:
+        for item in group:
+            if item["name"] not in seen:
+                seen.add(item["name"])
+                out.append(item)
+    return out
+
+
+def container_resources(resources: Resources, base: Mapping[str, str] | None = None) -> Manifest:
+    requests = {**(base or {}), **resources.requests}
+    limits = dict(resources.limits)
+    if resources.gpus:
+        limits["nvidia.com/gpu"] = str(resources.gpus)
+        requests["nvidia.com/gpu"] = str(resources.gpus)
+    out: Manifest = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def placement(resources: Resources) -> Manifest:
+    """nodeSelector, tolerations and priority class for a pod spec (only the keys that are set)."""
+    out: Manifest = {}
+    if resources.node_selector:
+        out["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        out["tolerations"] = [t.wire() for t in resources.tolerations]
+    if resources.priority_class_name:
+        out["priorityClassName"] = resources.priority_class_name
+    return out
+
+
+def pod_ip_env() -> list[Manifest]:
+    return [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
