@@ -84,6 +84,16 @@ class Kube:
             raise KubeError(resp.status, text, f"{method} {path}")
         return json.loads(text) if text else {}
 
+    def text(self, path: str, timeout: float | None = None) -> str:
+        """GET a non-JSON endpoint such as /readyz."""
+        resp = self._pool.request(
+            "GET", self._url(path, None), headers=self._headers, timeout=timeout or self.timeout, retries=False
+        )
+        body = resp.data.decode("utf-8", "replace")
+        if resp.status >= 400:
+            raise KubeError(resp.status, body, f"GET {path}")
+        return body
+
     def get(self, path: str, **params: Any) -> JSON:
         return self.request("GET", path, params=params or None)
 

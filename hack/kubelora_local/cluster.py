@@ -1,0 +1,271 @@
+"""Bring a local Kubernetes v1.20.2 control plane + pod runner up and down.
+
+Order matters (see /work/shared/notes/k8s-local-apiserver.md):
+PKI -> etcd -> apiserver -> /readyz -> kubeconfig -> CRDs -> controller-manager -> SA default/default
+with its token Secret -> pod runner -> Node Ready. CRDs go in before the controller-manager so that
+its garbage collector knows them from the start; pods are rejected by the ServiceAccount admission
+plugin until default/default has a token, so `up` only returns once that exists.
+Every `up` is a fresh cluster (new PKI, empty etcd, empty PVC dirs); binaries are cached.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import build, pki, processes
+from .kube import Credentials, Kube, KubeError
+from .paths import default_state_dir, repo_root
+
+NODE_NAME = "local-node"
+# Stop order: the runner first (it kills pod processes), etcd last.
+COMPONENTS = ("runner", "kube-controller-manager", "kube-apiserver", "etcd")
+# Sub-directories of the state dir that `up` wipes: the rest (if any) belongs to the user.
+FRESH_DIRS = ("pki", "etcd", "run", "logs", "pvcs", "pods")
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start; the message says which component and shows its log tail."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """Everything a client needs; saved as `<state>/cluster.json`."""
+
+    state_dir: str
+    kubeconfig: str
+    server: str
+    token: str
+    ca_file: str
+    apiserver_port: int
+    etcd_port: int
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.server, self.token, self.ca_file)
+
+    def client(self) -> Kube:
+        return Kube(self.credentials)
+
+
+def load(state_dir: Path | None = None) -> ClusterInfo:
+    """Read `cluster.json` of a cluster started by `up` (raises FileNotFoundError if none)."""
+    state = Path(state_dir or default_state_dir())
+    return ClusterInfo(**json.loads((state / "cluster.json").read_text()))
+
+
+def _log_tail(run_dir: Path, name: str, lines: int = 30) -> str:
+    try:
+        return "\n".join((run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _fail(run_dir: Path, name: str, what: str) -> ClusterError:
+    return ClusterError(f"{what}; last lines of {run_dir / (name + '.log')}:\n{_log_tail(run_dir, name)}")
+
+
+def _wait(run_dir: Path, name: str, check: Any, timeout: float, what: str) -> Any:
+    """Wait for `check`, failing fast if the process `name` died meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = processes.wait_for(check, min(1.0, deadline - time.monotonic()), interval=0.05)
+        if result:
+            return result
+        if processes.read_pid(name, run_dir) is None:
+            raise _fail(run_dir, name, f"{name} exited while waiting for {what}")
+    raise _fail(run_dir, name, f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> None:
+    ca = base64.b64encode(ca_file.read_bytes()).decode()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kubelora-local", "cluster": {"server": server, "certificate-authority-data": ca}}],
+        "users": [{"name": "admin", "user": {"token": token}}],
+        "contexts": [{"name": "kubelora-local", "context": {"cluster": "kubelora-local", "user": "admin"}}],
+        "current-context": "kubelora-local",
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+def _crd_documents(crd_dir: Path) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    if not crd_dir.is_dir():
+        return docs
+    for file in sorted(crd_dir.iterdir()):
+        if file.suffix in {".yaml", ".yml", ".json"}:
+            docs += [d for d in yaml.safe_load_all(file.read_text()) if d and d.get("kind") == "CustomResourceDefinition"]
+    return docs
+
+
+def apply_crds(kube: Kube, crd_dir: Path, timeout: float = 30.0) -> list[str]:
+    """Create (or replace) every CRD found in `crd_dir` and wait until each is Established."""
+    names = []
+    for doc in _crd_documents(crd_dir):
+        version = doc.get("apiVersion", "apiextensions.k8s.io/v1")
+        base = f"/apis/{version}/customresourcedefinitions"
+        name = doc["metadata"]["name"]
+        try:
+            kube.create(base, doc)
+        except KubeError as e:
+            if e.status != 409:
+                raise
+            current = kube.get(f"{base}/{name}")
+            doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            kube.request("PUT", f"{base}/{name}", doc)
+        names.append(name)
+
+    def established(name: str) -> bool:
+        crd = kube.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+        conds = crd.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+    for name in names:
+        if not processes.wait_for(lambda n=name: established(n), timeout, interval=0.05):
+            raise ClusterError(f"CRD {name} not Established after {timeout} s")
+    return names
+
+
+def _default_sa_ready(kube: Kube) -> bool:
+    return bool(kube.get("/api/v1/namespaces/default/serviceaccounts/default").get("secrets"))
+
+
+def _node_ready(kube: Kube) -> bool:
+    node = kube.get(f"/api/v1/nodes/{NODE_NAME}")
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
+
+
+def is_running(state_dir: Path | None = None) -> bool:
+    """True when every component is alive and the API server answers /readyz."""
+    state = Path(state_dir or default_state_dir())
+    if any(processes.read_pid(n, state / "run") is None for n in COMPONENTS):
+        return False
+    try:
+        info = load(state)
+        return info.client().text("/readyz", timeout=3) == "ok"
+    except Exception:
+        return False
+
+
+def up(
+    state_dir: Path | None = None,
+    crd_dir: Path | None = None,
+    build_if_missing: bool = True,
+    timeout: float = 90.0,
+) -> ClusterInfo:
+    """Start a fresh cluster and return once Pods can run on the local node.
+
+    If a healthy cluster already runs in `state_dir`, it is reused as is (idempotent `up`).
+    """
+    state = Path(state_dir or default_state_dir()).resolve()
+    crds = Path(crd_dir) if crd_dir else repo_root() / "crds"
+    if is_running(state):
+        return load(state)
+    down(state)
+    if not build.binaries_present():
+        if not build_if_missing:
+            raise ClusterError(f"no cached binaries in {build.bin_dir()}; run `kubelora-local build`")
+        build.build()
+    if not shutil.which("etcd") or not shutil.which("unshare"):
+        build.ensure_runtime_packages()
+    bins = build.bin_dir()
+
+    state.mkdir(parents=True, exist_ok=True)
+    for sub in FRESH_DIRS:
+        shutil.rmtree(state / sub, ignore_errors=True)
+    run = state / "run"
+    run.mkdir()
+    keys = pki.generate(state / "pki")
+    etcd_port, peer_port, api_port = processes.free_port(), processes.free_port(), processes.free_port()
+    etcd_dir = state / "etcd"
+    etcd_dir.mkdir(mode=0o700)
+
+    processes.spawn("etcd", [
+        "etcd", "--name", "kubelora", "--data-dir", str(etcd_dir),
+        "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+        "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+        "--initial-cluster", f"kubelora=http://127.0.0.1:{peer_port}",
+        "--log-level", "warn",
+    ], run)
+    processes.spawn("kube-apiserver", [
+        str(bins / "kube-apiserver"),
+        f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+        "--bind-address=127.0.0.1", f"--secure-port={api_port}", "--advertise-address=127.0.0.1",
+        f"--tls-cert-file={keys.server_crt}", f"--tls-private-key-file={keys.server_key}",
+        f"--client-ca-file={keys.ca_crt}", f"--token-auth-file={keys.tokens_csv}",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={keys.sa_pub}", f"--service-account-signing-key-file={keys.sa_key}",
+        "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC",
+        "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
+    ], run)
+
+    server = f"https://127.0.0.1:{api_port}"
+    info = ClusterInfo(
+        state_dir=str(state),
+        kubeconfig=str(state / "kubeconfig"),
+        server=server,
+        token=keys.admin_token,
+        ca_file=str(keys.ca_crt),
+        apiserver_port=api_port,
+        etcd_port=etcd_port,
+    )
+    kube = info.client()
+    _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "apiserver /readyz")
+    _write_kubeconfig(Path(info.kubeconfig), server, keys.ca_crt, keys.admin_token)
+    (state / "cluster.json").write_text(json.dumps(asdict(info), indent=2))
+    apply_crds(kube, crds)
+
+    processes.spawn("kube-controller-manager", [
+        str(bins / "kube-controller-manager"), f"--kubeconfig={info.kubeconfig}",
+        "--leader-elect=false", "--port=0", "--secure-port=0",
+        f"--flex-volume-plugin-dir={run / 'flexvolume'}",
+        f"--service-account-private-key-file={keys.sa_key}", f"--root-ca-file={keys.ca_crt}",
+        "--cluster-cidr=10.244.0.0/16", "--service-cluster-ip-range=10.0.0.0/24",
+        "--kube-api-qps=200", "--kube-api-burst=400",
+    ], run)
+    _wait(run, "kube-controller-manager", lambda: _default_sa_ready(kube), timeout, "SA default/default token")
+
+    runner_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+    processes.spawn("runner", [sys.executable, "-m", "kubelora_local.runner", "--state-dir", str(state)],
+                    run, env=runner_env)
+    _wait(run, "runner", lambda: _node_ready(kube), timeout, f"node {NODE_NAME} Ready")
+    return info
+
+
+def down(state_dir: Path | None = None) -> list[str]:
+    """Stop every component by PID (runner, KCM, apiserver, etcd); returns the ones that ran."""
+    run = Path(state_dir or default_state_dir()) / "run"
+    stopped = []
+    for name in COMPONENTS:
+        if processes.stop(name, run, timeout=20 if name == "runner" else 10):
+            stopped.append(name)
+    return stopped
+
+
+def status(state_dir: Path | None = None) -> dict[str, Any]:
+    """PID (or None) per component, API readiness and node readiness."""
+    state = Path(state_dir or default_state_dir())
+    result: dict[str, Any] = {n: processes.read_pid(n, state / "run") for n in COMPONENTS}
+    result["apiserver_ready"] = False
+    result["node_ready"] = False
+    try:
+        kube = load(state).client()
+        result["apiserver_ready"] = kube.text("/readyz", timeout=3) == "ok"
+        result["node_ready"] = _node_ready(kube)
+    except Exception:
+        pass
+    return result
