@@ -94,7 +94,7 @@ def ensure_runtime_packages() -> None:
 
 
 def _ensure_build_packages() -> None:
-    """deb-src entries + Go toolchain + Debian's reflect2 1.0.2 (the vendored 1.0.1 segfaults with Go 1.19)."""
+    """deb-src entries, Go, and Debian's reflect2 1.0.2 (the vendored 1.0.1 segfaults with Go 1.19)."""
     need_update = False
     if not DEB_SRC_FILE.exists():
         DEB_SRC_FILE.write_text(DEB_SRC)
@@ -138,7 +138,9 @@ def build(force: bool = False, keep_tree: bool = False) -> Path:
     work = Path(tempfile.mkdtemp(prefix="k8s-build-", dir=str(cache_root())))
     try:
         tree = _prepare_tree(work)
-        env = {k: v for k, v in os.environ.items() if k not in {"GOFLAGS", "GOPATH", "GOCACHE", "GO111MODULE"}}
+        env = {
+            k: v for k, v in os.environ.items() if k not in {"GOFLAGS", "GOPATH", "GOCACHE", "GO111MODULE"}
+        }
         _run(
             [
                 "make",

@@ -91,7 +91,9 @@ def _write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> Non
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "kubelora-local", "cluster": {"server": server, "certificate-authority-data": ca}}],
+        "clusters": [
+            {"name": "kubelora-local", "cluster": {"server": server, "certificate-authority-data": ca}}
+        ],
         "users": [{"name": "admin", "user": {"token": token}}],
         "contexts": [{"name": "kubelora-local", "context": {"cluster": "kubelora-local", "user": "admin"}}],
         "current-context": "kubelora-local",
@@ -106,7 +108,11 @@ def _crd_documents(crd_dir: Path) -> list[dict[str, Any]]:
         return docs
     for file in sorted(crd_dir.iterdir()):
         if file.suffix in {".yaml", ".yml", ".json"}:
-            docs += [d for d in yaml.safe_load_all(file.read_text()) if d and d.get("kind") == "CustomResourceDefinition"]
+            docs += [
+                d
+                for d in yaml.safe_load_all(file.read_text())
+                if d and d.get("kind") == "CustomResourceDefinition"
+            ]
     return docs
 
 
@@ -144,7 +150,9 @@ def _default_sa_ready(kube: Kube) -> bool:
 
 def _node_ready(kube: Kube) -> bool:
     node = kube.get(f"/api/v1/nodes/{NODE_NAME}")
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
+    )
 
 
 def is_running(state_dir: Path | None = None) -> bool:
@@ -192,26 +200,36 @@ def up(
     etcd_dir = state / "etcd"
     etcd_dir.mkdir(mode=0o700)
 
-    processes.spawn("etcd", [
-        "etcd", "--name", "kubelora", "--data-dir", str(etcd_dir),
-        "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-        "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-        "--initial-cluster", f"kubelora=http://127.0.0.1:{peer_port}",
-        "--log-level", "warn",
-    ], run)
-    processes.spawn("kube-apiserver", [
-        str(bins / "kube-apiserver"),
+    etcd = [
+        "--name=kubelora",
+        f"--data-dir={etcd_dir}",
+        f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+        f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+        f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+        f"--initial-cluster=kubelora=http://127.0.0.1:{peer_port}",
+        "--log-level=warn",
+    ]
+    processes.spawn("etcd", ["etcd", *etcd], run)
+    apiserver = [
         f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-        "--bind-address=127.0.0.1", f"--secure-port={api_port}", "--advertise-address=127.0.0.1",
-        f"--tls-cert-file={keys.server_crt}", f"--tls-private-key-file={keys.server_key}",
-        f"--client-ca-file={keys.ca_crt}", f"--token-auth-file={keys.tokens_csv}",
+        "--bind-address=127.0.0.1",
+        f"--secure-port={api_port}",
+        "--advertise-address=127.0.0.1",
+        f"--tls-cert-file={keys.server_crt}",
+        f"--tls-private-key-file={keys.server_key}",
+        f"--client-ca-file={keys.ca_crt}",
+        f"--token-auth-file={keys.tokens_csv}",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-        f"--service-account-key-file={keys.sa_pub}", f"--service-account-signing-key-file={keys.sa_key}",
-        "--service-cluster-ip-range=10.0.0.0/24", "--authorization-mode=RBAC",
-        "--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false",
-    ], run)
+        f"--service-account-key-file={keys.sa_pub}",
+        f"--service-account-signing-key-file={keys.sa_key}",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--authorization-mode=RBAC",
+        "--endpoint-reconciler-type=none",  # else it logs "loopback range" errors every 10 s
+        "--allow-privileged=true",
+        "--profiling=false",
+    ]
+    processes.spawn("kube-apiserver", [str(bins / "kube-apiserver"), *apiserver], run)
 
     server = f"https://127.0.0.1:{api_port}"
     info = ClusterInfo(
@@ -224,24 +242,34 @@ def up(
         etcd_port=etcd_port,
     )
     kube = info.client()
-    _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "apiserver /readyz")
+    _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "/readyz")
     _write_kubeconfig(Path(info.kubeconfig), server, keys.ca_crt, keys.admin_token)
     (state / "cluster.json").write_text(json.dumps(asdict(info), indent=2))
     apply_crds(kube, crds)
 
-    processes.spawn("kube-controller-manager", [
-        str(bins / "kube-controller-manager"), f"--kubeconfig={info.kubeconfig}",
-        "--leader-elect=false", "--port=0", "--secure-port=0",
-        f"--flex-volume-plugin-dir={run / 'flexvolume'}",
-        f"--service-account-private-key-file={keys.sa_key}", f"--root-ca-file={keys.ca_crt}",
-        "--cluster-cidr=10.244.0.0/16", "--service-cluster-ip-range=10.0.0.0/24",
-        "--kube-api-qps=200", "--kube-api-burst=400",
-    ], run)
-    _wait(run, "kube-controller-manager", lambda: _default_sa_ready(kube), timeout, "SA default/default token")
+    kcm = [
+        f"--kubeconfig={info.kubeconfig}",
+        "--leader-elect=false",
+        "--port=0",  # no fixed *:10252 / *:10257 listeners, so several clusters can coexist
+        "--secure-port=0",
+        f"--flex-volume-plugin-dir={run / 'flexvolume'}",  # else it creates /usr/libexec/kubernetes/...
+        f"--service-account-private-key-file={keys.sa_key}",  # runs the SA token controller
+        f"--root-ca-file={keys.ca_crt}",
+        "--cluster-cidr=10.244.0.0/16",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--kube-api-qps=200",
+        "--kube-api-burst=400",
+    ]
+    processes.spawn("kube-controller-manager", [str(bins / "kube-controller-manager"), *kcm], run)
+    _wait(run, "kube-controller-manager", lambda: _default_sa_ready(kube), timeout, "SA default token")
 
     runner_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-    processes.spawn("runner", [sys.executable, "-m", "kubelora_local.runner", "--state-dir", str(state)],
-                    run, env=runner_env)
+    processes.spawn(
+        "runner",
+        [sys.executable, "-m", "kubelora_local.runner", "--state-dir", str(state)],
+        run,
+        env=runner_env,
+    )
     _wait(run, "runner", lambda: _node_ready(kube), timeout, f"node {NODE_NAME} Ready")
     return info
 

@@ -87,7 +87,11 @@ class Kube:
     def text(self, path: str, timeout: float | None = None) -> str:
         """GET a non-JSON endpoint such as /readyz."""
         resp = self._pool.request(
-            "GET", self._url(path, None), headers=self._headers, timeout=timeout or self.timeout, retries=False
+            "GET",
+            self._url(path, None),
+            headers=self._headers,
+            timeout=timeout or self.timeout,
+            retries=False,
         )
         body = resp.data.decode("utf-8", "replace")
         if resp.status >= 400:

@@ -1,0 +1,88 @@
+"""Run a container's command as a local process in its own mount namespace.
+
+`unshare -m --propagation private` gives the process a private copy of the mount table; a tiny
+shell prologue bind-mounts the pod's volumes onto the container's mountPaths and then `exec`s the
+command, so programs see the same paths as in a real pod (/mnt/pvc/<claim>, /etc/kubelora/...,
+/var/run/secrets/kubernetes.io/serviceaccount, /dev/termination-log) while the host is untouched,
+except for empty mount-point directories/files that bind mounts need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+
+from .volumes import Mount
+
+
+def _prologue(mounts: list[Mount], file_mounts: list[Mount], workdir: str | None) -> str:
+    lines = ["set -e"]
+    for m in mounts:
+        t = shlex.quote(m.target)
+        if m.source.is_dir():
+            lines.append(f"mkdir -p {t}")
+        else:
+            lines.append(f'mkdir -p "$(dirname {t})"; [ -e {t} ] || : > {t}')
+        lines.append(f"mount --bind {shlex.quote(str(m.source))} {t}")
+        if m.read_only:
+            lines.append(f"mount -o remount,bind,ro {t}")
+    for m in file_mounts:
+        t = shlex.quote(m.target)
+        lines.append(f'mkdir -p "$(dirname {t})"; [ -e {t} ] || : > {t}')
+        lines.append(f"mount --bind {shlex.quote(str(m.source))} {t}")
+    if workdir:
+        lines.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
+    lines.append('exec "$@"')
+    return "\n".join(lines)
+
+
+def wrap(argv: list[str], mounts: list[Mount], file_mounts: list[Mount], workdir: str | None) -> list[str]:
+    """The host argv that runs `argv` with the mounts in place (needs root for mount namespaces)."""
+    script = _prologue(mounts, file_mounts, workdir)
+    if os.geteuid() != 0:  # no mount namespace without root: run in place (paths will differ)
+        return ["/bin/sh", "-c", script.replace("set -e", "set +e"), "kubelora-container", *argv]
+    return [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+        "kubelora-container",
+        *argv,
+    ]
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start in a new session (own process group) so that signals reach the whole container."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """Signal the container's whole process group (its PID is the group id)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def nsenter(pid: int, argv: list[str]) -> list[str]:
+    """argv that runs a command in a running container's mount namespace (exec probes)."""
+    if os.geteuid() != 0:
+        return argv
+    return ["nsenter", "-t", str(pid), "-m", "--", *argv]

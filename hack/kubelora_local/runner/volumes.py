@@ -1,0 +1,191 @@
+"""Pod volumes as host directories, and the bind mounts that put them at the container's paths.
+
+PVC -> `<state>/pvcs/<ns>/<claim>` (survives the pod, like a real claim); emptyDir -> a per-pod
+dir; ConfigMap/Secret/downwardAPI/projected -> files written into a per-pod dir and refreshed while
+the pod runs (the kubelet also refreshes them). The 1.20 ServiceAccount admission plugin adds the
+SA token as an ordinary Secret volume at /var/run/secrets/kubernetes.io/serviceaccount, so it
+needs no special case here beyond waiting for the Secret.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..kube import Kube, KubeError
+from .context import ConfigError, Obj, RunnerContext
+from .envvars import field_value, object_data
+
+FILE_VOLUMES = ("configMap", "secret", "downwardAPI", "projected")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One bind mount: host `source` onto `target` inside the container's mount namespace."""
+
+    source: Path
+    target: str
+    read_only: bool = False
+
+
+def _fetch(kube: Kube, namespace: str, kind: str, name: str, optional: bool) -> Obj | None:
+    try:
+        return kube.get(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
+    except KubeError as e:
+        if e.status == 404:
+            if optional:
+                return None
+            singular = "secret" if kind == "secrets" else "configmap"
+            raise ConfigError("ContainerCreating", f'{singular} "{name}" not found (waiting for it)') from e
+        raise
+
+
+def _select(data: dict[str, bytes], items: list[Obj] | None, optional: bool, what: str) -> dict[str, bytes]:
+    """Apply `items` (key -> relative path) or take every key."""
+    if not items:
+        return dict(data)
+    out = {}
+    for item in items:
+        if item["key"] in data:
+            out[item["path"]] = data[item["key"]]
+        elif not optional:
+            raise ConfigError("ContainerCreating", f"key {item['key']!r} not found in {what}")
+    return out
+
+
+def _files_for(ctx: RunnerContext, pod: Obj, source_kind: str, src: Obj, pod_ip: str) -> dict[str, bytes]:
+    """Files (relative path -> content) of one configMap/secret/downwardAPI/SA-token source."""
+    ns = pod["metadata"]["namespace"]
+    if source_kind == "configMap":
+        obj = _fetch(ctx.kube, ns, "configmaps", src["name"], bool(src.get("optional")))
+        return _select(
+            object_data(obj or {}), src.get("items"), bool(src.get("optional")), f"configmap {src['name']}"
+        )
+    if source_kind == "secret":
+        name = src.get("secretName") or src["name"]
+        obj = _fetch(ctx.kube, ns, "secrets", name, bool(src.get("optional")))
+        return _select(object_data(obj or {}), src.get("items"), bool(src.get("optional")), f"secret {name}")
+    if source_kind == "downwardAPI":
+        files = {}
+        for item in src.get("items") or []:
+            if "fieldRef" not in item:
+                raise ConfigError("ContainerCreating", "downwardAPI: only fieldRef items are supported")
+            files[item["path"]] = field_value(pod, item["fieldRef"]["fieldPath"], pod_ip).encode()
+        return files
+    if source_kind == "serviceAccountToken":
+        return {src["path"]: sa_token(ctx, pod)}
+    raise ConfigError("ContainerCreating", f"projected source {source_kind!r} is not supported")
+
+
+def sa_token(ctx: RunnerContext, pod: Obj) -> bytes:
+    """The legacy token Secret of the pod's ServiceAccount (created by the 1.20 token controller)."""
+    ns = pod["metadata"]["namespace"]
+    sa_name = pod["spec"].get("serviceAccountName") or "default"
+    sa = _fetch(ctx.kube, ns, "serviceaccounts", sa_name, False) or {}
+    for ref in sa.get("secrets") or []:
+        secret = _fetch(ctx.kube, ns, "secrets", ref["name"], True)
+        if (
+            secret
+            and secret.get("type") == "kubernetes.io/service-account-token"
+            and "token" in secret.get("data", {})
+        ):
+            return object_data(secret)["token"]
+    raise ConfigError("ContainerCreating", f"waiting for the token Secret of serviceaccount {sa_name}")
+
+
+def volume_files(ctx: RunnerContext, pod: Obj, volume: Obj, pod_ip: str) -> dict[str, bytes]:
+    """Every file of a file-backed volume."""
+    if "projected" in volume:
+        files: dict[str, bytes] = {}
+        for source in volume["projected"].get("sources") or []:
+            for kind, src in source.items():
+                files.update(_files_for(ctx, pod, kind, src, pod_ip))
+        return files
+    for kind in ("configMap", "secret", "downwardAPI"):
+        if kind in volume:
+            return _files_for(ctx, pod, kind, volume[kind], pod_ip)
+    return {}
+
+
+def write_files(directory: Path, files: dict[str, bytes], mode: int, previous: set[str]) -> set[str]:
+    """Write changed files atomically (rename) and drop the ones that disappeared."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for rel, content in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and path.read_bytes() == content:
+            continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(content)
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    for rel in previous - set(files):
+        (directory / rel).unlink(missing_ok=True)
+    return set(files)
+
+
+class PodVolumes:
+    """Host paths of a pod's volumes; `refresh()` keeps ConfigMap/Secret files current."""
+
+    def __init__(self, ctx: RunnerContext, pod: Obj, pod_ip: str) -> None:
+        self.ctx = ctx
+        self.pod = pod
+        self.pod_ip = pod_ip
+        self.root = ctx.pod_dir(pod) / "volumes"
+        self.paths: dict[str, Path] = {}
+        self._written: dict[str, set[str]] = {}
+
+    def prepare(self) -> None:
+        """Create every volume; raises ConfigError while a referenced object is missing."""
+        ns = self.pod["metadata"]["namespace"]
+        for vol in self.pod["spec"].get("volumes") or []:
+            name = vol["name"]
+            if "persistentVolumeClaim" in vol:
+                path = self.ctx.pvc_dir(ns, vol["persistentVolumeClaim"]["claimName"])
+                path.mkdir(parents=True, exist_ok=True)
+            elif "emptyDir" in vol:
+                path = self.root / name
+                path.mkdir(parents=True, exist_ok=True)
+            elif "hostPath" in vol:
+                path = Path(vol["hostPath"]["path"])
+                if vol["hostPath"].get("type") == "DirectoryOrCreate":
+                    path.mkdir(parents=True, exist_ok=True)
+            elif any(k in vol for k in FILE_VOLUMES):
+                path = self.root / name
+            else:
+                kinds = sorted(set(vol) - {"name"})
+                raise ConfigError(
+                    "CreateContainerConfigError", f"volume {name}: type {kinds} is not supported locally"
+                )
+            self.paths[name] = path
+        self.refresh()
+
+    def refresh(self) -> None:
+        for vol in self.pod["spec"].get("volumes") or []:
+            kind = next((k for k in FILE_VOLUMES if k in vol), None)
+            if kind is None:
+                continue
+            mode = int(vol[kind].get("defaultMode", 0o644))
+            files = volume_files(self.ctx, self.pod, vol, self.pod_ip)
+            name = vol["name"]
+            self._written[name] = write_files(self.paths[name], files, mode, self._written.get(name, set()))
+
+    def mounts(self, container: Obj) -> list[Mount]:
+        """Bind mounts for a container's volumeMounts (with subPath), parents before children."""
+        out = []
+        for vm in container.get("volumeMounts") or []:
+            if vm["name"] not in self.paths:
+                raise ConfigError("CreateContainerConfigError", f"volumeMount {vm['name']!r}: no such volume")
+            source = self.paths[vm["name"]]
+            if vm.get("subPath"):
+                source = source / vm["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)
+            out.append(Mount(source, vm["mountPath"], bool(vm.get("readOnly"))))
+        return sorted(out, key=lambda m: m.target.rstrip("/").count("/"))
+
+    def cleanup(self) -> None:
+        """Remove the per-pod dir (emptyDirs, files); PVC dirs stay."""
+        shutil.rmtree(self.ctx.pod_dir(self.pod), ignore_errors=True)
