@@ -16,7 +16,7 @@ ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
 class ServedBaseModel(ApiModel):
     """The base model every replica serves."""
 
-    uri: AnyUri  # type: ignore[valid-type]
+    uri: AnyUri
     """pvc://, s3://, https://, hf:// or file:// location of the base model."""
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", max_length=128)
     """The model name clients send for the base model."""
@@ -58,7 +58,7 @@ class AdapterSource(ApiModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
     """The model name clients send to /v1/chat/completions to use this adapter."""
     lora_job_ref: LoRAJobRef | None = None
-    uri: AnyUri | None = None  # type: ignore[valid-type]
+    uri: AnyUri | None = None
     """An adapter directory: pvc://, s3://, https:// or file://."""
     digest: Digest | None = None
     """Optional sha256 pin; a mismatch fails this adapter only."""

@@ -51,8 +51,9 @@ def uri_pattern(*schemes: Scheme) -> str:
     return "^(" + "|".join(schemes) + ")://.+$"
 
 
-def UriField(*schemes: Scheme) -> Any:  # noqa: N802 - reads as a type in field declarations
-    return Annotated[str, Field(pattern=uri_pattern(*schemes)), _uri_checker(*schemes)]
+def UriField(*schemes: Scheme) -> Any:
+    # The pattern is for the CRD schema only; pydantic runs the parser, whose messages say more.
+    return Annotated[str, Field(json_schema_extra={"pattern": uri_pattern(*schemes)}), _uri_checker(*schemes)]
 
 
 AnyUri = UriField(*ALL_SCHEMES)

@@ -23,7 +23,7 @@ DEFAULT_EVAL_SPLIT = 0.1
 class BaseModelSource(ApiModel):
     """The model to fine-tune."""
 
-    uri: AnyUri  # type: ignore[valid-type]
+    uri: AnyUri
     """pvc://claim/dir, s3://bucket/key, https://..., hf://org/name[@revision] or file:///abs/dir."""
     credentials_secret_ref: SecretName | None = None
     """Name of a Secret in the same namespace: HF_TOKEN for hf://, AWS_* keys for s3://."""
