@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
     sub.add_parser("down", help="stop the runner, controller-manager, apiserver and etcd")
     sub.add_parser("status", help="show component PIDs and readiness (exit 1 if not ready)")
-    p_build = sub.add_parser(
-        "build", help="build and cache kube-apiserver/kube-controller-manager (~6.5 min)"
-    )
+    p_build = sub.add_parser("build", help="build and cache kube-apiserver/kube-controller-manager (~6.5 min)")
     p_build.add_argument("--force", action="store_true")
     sub.add_parser("env", help="print `export KUBECONFIG=...` for eval")
     p_logs = sub.add_parser("logs", help="print a container's log")

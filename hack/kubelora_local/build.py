@@ -77,9 +77,7 @@ def _apt_env() -> dict[str, str]:
 def _missing_packages(packages: tuple[str, ...]) -> list[str]:
     missing = []
     for pkg in packages:
-        res = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False
-        )
+        res = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True, check=False)
         if "install ok installed" not in res.stdout:
             missing.append(pkg)
     return missing
@@ -138,9 +136,7 @@ def build(force: bool = False, keep_tree: bool = False) -> Path:
     work = Path(tempfile.mkdtemp(prefix="k8s-build-", dir=str(cache_root())))
     try:
         tree = _prepare_tree(work)
-        env = {
-            k: v for k, v in os.environ.items() if k not in {"GOFLAGS", "GOPATH", "GOCACHE", "GO111MODULE"}
-        }
+        env = {k: v for k, v in os.environ.items() if k not in {"GOFLAGS", "GOPATH", "GOCACHE", "GO111MODULE"}}
         _run(
             [
                 "make",

@@ -91,9 +91,7 @@ def _write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> Non
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [
-            {"name": "kubelora-local", "cluster": {"server": server, "certificate-authority-data": ca}}
-        ],
+        "clusters": [{"name": "kubelora-local", "cluster": {"server": server, "certificate-authority-data": ca}}],
         "users": [{"name": "admin", "user": {"token": token}}],
         "contexts": [{"name": "kubelora-local", "context": {"cluster": "kubelora-local", "user": "admin"}}],
         "current-context": "kubelora-local",
@@ -102,35 +100,36 @@ def _write_kubeconfig(path: Path, server: str, ca_file: Path, token: str) -> Non
     path.chmod(0o600)
 
 
-def _crd_documents(crd_dir: Path) -> list[dict[str, Any]]:
-    docs: list[dict[str, Any]] = []
+def _crd_documents(crd_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    docs: list[tuple[Path, dict[str, Any]]] = []
     if not crd_dir.is_dir():
         return docs
     for file in sorted(crd_dir.iterdir()):
         if file.suffix in {".yaml", ".yml", ".json"}:
-            docs += [
-                d
-                for d in yaml.safe_load_all(file.read_text())
-                if d and d.get("kind") == "CustomResourceDefinition"
-            ]
+            for doc in yaml.safe_load_all(file.read_text()):
+                if doc and doc.get("kind") == "CustomResourceDefinition":
+                    docs.append((file, doc))
     return docs
 
 
 def apply_crds(kube: Kube, crd_dir: Path, timeout: float = 30.0) -> list[str]:
     """Create (or replace) every CRD found in `crd_dir` and wait until each is Established."""
     names = []
-    for doc in _crd_documents(crd_dir):
+    for file, doc in _crd_documents(crd_dir):
         version = doc.get("apiVersion", "apiextensions.k8s.io/v1")
         base = f"/apis/{version}/customresourcedefinitions"
         name = doc["metadata"]["name"]
         try:
-            kube.create(base, doc)
+            try:
+                kube.create(base, doc)
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                current = kube.get(f"{base}/{name}")
+                doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                kube.request("PUT", f"{base}/{name}", doc)
         except KubeError as e:
-            if e.status != 409:
-                raise
-            current = kube.get(f"{base}/{name}")
-            doc["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-            kube.request("PUT", f"{base}/{name}", doc)
+            raise ClusterError(f"the API server rejected the CRD in {file}: {e}") from e
         names.append(name)
 
     def established(name: str) -> bool:
@@ -150,9 +149,7 @@ def _default_sa_ready(kube: Kube) -> bool:
 
 def _node_ready(kube: Kube) -> bool:
     node = kube.get(f"/api/v1/nodes/{NODE_NAME}")
-    return any(
-        c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", [])
-    )
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in node.get("status", {}).get("conditions", []))
 
 
 def is_running(state_dir: Path | None = None) -> bool:
@@ -188,8 +185,16 @@ def up(
         build.build()
     if not shutil.which("etcd") or not shutil.which("unshare"):
         build.ensure_runtime_packages()
-    bins = build.bin_dir()
 
+    try:
+        return _start(state, crds, timeout)
+    except BaseException:
+        down(state)  # never leave half a cluster behind; logs stay in <state>/run
+        raise
+
+
+def _start(state: Path, crds: Path, timeout: float) -> ClusterInfo:
+    bins = build.bin_dir()
     state.mkdir(parents=True, exist_ok=True)
     for sub in FRESH_DIRS:
         shutil.rmtree(state / sub, ignore_errors=True)

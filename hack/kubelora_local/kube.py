@@ -47,9 +47,7 @@ class Kube:
     def __init__(self, creds: Credentials, timeout: float = 30.0) -> None:
         self.creds = creds
         self.timeout = timeout
-        self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=32, cert_reqs="CERT_REQUIRED", ca_certs=creds.ca_file
-        )
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=32, cert_reqs="CERT_REQUIRED", ca_certs=creds.ca_file)
         self._headers = {"Authorization": f"Bearer {creds.token}", "Accept": "application/json"}
 
     def _url(self, path: str, params: dict[str, Any] | None) -> str:

@@ -131,11 +131,7 @@ class Container:
             msg = self.term_file.read_bytes()[:MAX_MESSAGE].decode("utf-8", "replace")
         except OSError:
             msg = ""
-        if (
-            not msg.strip()
-            and exit_code != 0
-            and self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
-        ):
+        if not msg.strip() and exit_code != 0 and self.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             try:
                 with open(self.log_path, "rb") as f:
                     f.seek(self._log_offset)
@@ -164,15 +160,11 @@ class Container:
         """Move the terminated state to lastState and wait out the backoff (CrashLoopBackOff)."""
         ran_for = time.monotonic() - self.started_at
         self._backoff = (
-            BACKOFF_BASE
-            if ran_for > BACKOFF_RESET or not self._backoff
-            else min(self._backoff * 2, BACKOFF_MAX)
+            BACKOFF_BASE if ran_for > BACKOFF_RESET or not self._backoff else min(self._backoff * 2, BACKOFF_MAX)
         )
         self.next_start = time.monotonic() + self._backoff
         self.last_state = self.state
-        self.set_waiting(
-            "CrashLoopBackOff", f"back-off {self._backoff:.0f}s restarting container {self.name}"
-        )
+        self.set_waiting("CrashLoopBackOff", f"back-off {self._backoff:.0f}s restarting container {self.name}")
 
     def terminate(self, grace: float) -> None:
         """SIGTERM the group now, SIGKILL at `grace` seconds (enforced by poll())."""

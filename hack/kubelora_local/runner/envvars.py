@@ -66,9 +66,7 @@ def key_value(kube: Kube, namespace: str, kind: str, ref: Obj) -> str | None:
     if ref["key"] not in data:
         if optional:
             return None
-        raise ConfigError(
-            "CreateContainerConfigError", f"couldn't find key {ref['key']} in {kind[:-1]} {ref['name']}"
-        )
+        raise ConfigError("CreateContainerConfigError", f"couldn't find key {ref['key']} in {kind[:-1]} {ref['name']}")
     return data[ref["key"]].decode("utf-8", "replace")
 
 
@@ -128,9 +126,7 @@ def container_env(
     declared: dict[str, str] = dict(service_env)
     for src in container.get("envFrom") or []:
         prefix = src.get("prefix", "")
-        kind, ref = (
-            ("configmaps", src["configMapRef"]) if "configMapRef" in src else ("secrets", src["secretRef"])
-        )
+        kind, ref = ("configmaps", src["configMapRef"]) if "configMapRef" in src else ("secrets", src["secretRef"])
         obj = _get(kube, namespace, kind, ref["name"], bool(ref.get("optional")))
         for k, v in object_data(obj or {}).items():
             declared[prefix + k] = v.decode("utf-8", "replace")

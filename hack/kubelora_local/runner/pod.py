@@ -196,9 +196,7 @@ class PodWorker(threading.Thread):
 
     def _stop_all(self) -> None:
         meta = self.pod["metadata"]
-        grace = meta.get(
-            "deletionGracePeriodSeconds", self.pod["spec"].get("terminationGracePeriodSeconds", 30)
-        )
+        grace = meta.get("deletionGracePeriodSeconds", self.pod["spec"].get("terminationGracePeriodSeconds", 30))
         grace = min(float(grace), 5.0) if self._shutdown else float(grace)
         everyone = self.inits + self.containers
         for c in everyone:
@@ -226,10 +224,7 @@ class PodWorker(threading.Thread):
 
     # --- status --------------------------------------------------------------------------------
     def _compute_phase(self) -> str:
-        if any(
-            c.exit_code not in (0, None) and self.policy == "Never" and "terminated" in c.state
-            for c in self.inits
-        ):
+        if any(c.exit_code not in (0, None) and self.policy == "Never" and "terminated" in c.state for c in self.inits):
             return "Failed"
         if any(c.exit_code != 0 for c in self.inits):
             return "Pending"

@@ -38,9 +38,7 @@ def check(probe: Obj, container: Obj, pod_ip: str, pid: int | None, env: dict[st
                 conn.close()
         if "tcpSocket" in probe:
             tcp = probe["tcpSocket"]
-            with socket.create_connection(
-                (tcp.get("host") or pod_ip, _port(tcp["port"], container)), timeout
-            ):
+            with socket.create_connection((tcp.get("host") or pod_ip, _port(tcp["port"], container)), timeout):
                 return True
         if "exec" in probe and pid is not None:
             argv = nsenter(pid, list(probe["exec"]["command"]))

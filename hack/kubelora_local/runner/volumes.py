@@ -60,9 +60,7 @@ def _files_for(ctx: RunnerContext, pod: Obj, source_kind: str, src: Obj, pod_ip:
     ns = pod["metadata"]["namespace"]
     if source_kind == "configMap":
         obj = _fetch(ctx.kube, ns, "configmaps", src["name"], bool(src.get("optional")))
-        return _select(
-            object_data(obj or {}), src.get("items"), bool(src.get("optional")), f"configmap {src['name']}"
-        )
+        return _select(object_data(obj or {}), src.get("items"), bool(src.get("optional")), f"configmap {src['name']}")
     if source_kind == "secret":
         name = src.get("secretName") or src["name"]
         obj = _fetch(ctx.kube, ns, "secrets", name, bool(src.get("optional")))
@@ -86,11 +84,7 @@ def sa_token(ctx: RunnerContext, pod: Obj) -> bytes:
     sa = _fetch(ctx.kube, ns, "serviceaccounts", sa_name, False) or {}
     for ref in sa.get("secrets") or []:
         secret = _fetch(ctx.kube, ns, "secrets", ref["name"], True)
-        if (
-            secret
-            and secret.get("type") == "kubernetes.io/service-account-token"
-            and "token" in secret.get("data", {})
-        ):
+        if secret and secret.get("type") == "kubernetes.io/service-account-token" and "token" in secret.get("data", {}):
             return object_data(secret)["token"]
     raise ConfigError("ContainerCreating", f"waiting for the token Secret of serviceaccount {sa_name}")
 
@@ -156,9 +150,7 @@ class PodVolumes:
                 path = self.root / name
             else:
                 kinds = sorted(set(vol) - {"name"})
-                raise ConfigError(
-                    "CreateContainerConfigError", f"volume {name}: type {kinds} is not supported locally"
-                )
+                raise ConfigError("CreateContainerConfigError", f"volume {name}: type {kinds} is not supported locally")
             self.paths[name] = path
         self.refresh()
 
