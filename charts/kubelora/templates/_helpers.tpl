@@ -1,0 +1,15 @@
+{{- define "kubelora.fullname" -}}{{ .Release.Name }}-operator{{- end -}}
+{{- define "kubelora.labels" -}}
+app.kubernetes.io/name: kubelora
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+{{- end -}}
+{{- define "kubelora.selector" -}}
+app.kubernetes.io/name: kubelora
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+{{- define "kubelora.image" -}}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
