@@ -1,0 +1,146 @@
+"""Resolve an AdapterDeployment's adapter sources into what the agents load.
+
+A ``uri`` adapter is passed through. A ``loraJobRef`` adapter is served from the LoRAJob's published
+``status.adapter``: while the job has none yet the adapter is Pending (LoRAJobNotReady), a failed or missing
+job fails only that adapter, and a new successful run (a new digest) rolls the adapter forward by changing
+only the ConfigMap. Checks that need nothing but the LoRAJob status (digest pin, peft type, rank, count)
+are decided here, so a bad adapter never reaches the pods; the rest (files, base model) is the agent's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterSource
+from kubelora.api.lorajob import AdapterInfo
+from kubelora.api.reasons import ConditionType, JobPhase, Reason
+from kubelora.api.runtime import DesiredAdapter
+
+Verdict = Literal["Pending", "Failed"]
+
+
+@dataclass(frozen=True)
+class JobView:
+    """The part of a LoRAJob the serving side needs (what the operator keeps in its lorajobs index)."""
+
+    name: str
+    phase: str
+    adapter: AdapterInfo | None = None
+    output_uri: str | None = None
+    message: str = ""
+
+
+def job_view(body: Mapping[str, Any]) -> JobView:
+    """Reduce a LoRAJob object to a JobView; a malformed status.adapter counts as no adapter."""
+    status = body.get("status") or {}
+    adapter = None
+    if status.get("adapter"):
+        try:
+            adapter = AdapterInfo.model_validate(status["adapter"])
+        except ValidationError:
+            adapter = None
+    phase = str(status.get("phase") or JobPhase.PENDING)
+    return JobView(
+        name=body["metadata"]["name"],
+        phase=phase,
+        adapter=adapter,
+        output_uri=((body.get("spec") or {}).get("output") or {}).get("uri"),
+        message=_job_message(status, phase),
+    )
+
+
+def _job_message(status: Mapping[str, Any], phase: str) -> str:
+    wanted = (ConditionType.SUCCEEDED, ConditionType.READY) if phase == JobPhase.FAILED else (ConditionType.RUNNING,)
+    for kind in wanted:
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == kind and cond.get("message"):
+                return str(cond["message"])
+    percent = (status.get("progress") or {}).get("percent")
+    return f"{percent}% trained" if percent is not None and phase == JobPhase.RUNNING else ""
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One adapter after resolution. ``verdict`` None means "hand it to the agents"."""
+
+    name: str
+    uri: str | None = None
+    digest: str | None = None
+    verdict: Verdict | None = None
+    reason: str = ""
+    message: str = ""
+    claim_uri: str | None = None
+    """A URI whose PVC the pods must mount for this adapter, known even before a LoRAJob publishes."""
+
+    @property
+    def desired(self) -> DesiredAdapter | None:
+        if self.verdict is not None or self.uri is None:
+            return None
+        return DesiredAdapter(name=self.name, uri=self.uri, digest=self.digest)
+
+
+def _pending(source: AdapterSource, reason: Reason, message: str, claim: str | None) -> ResolvedAdapter:
+    return ResolvedAdapter(source.name, verdict="Pending", reason=reason, message=message, claim_uri=claim)
+
+
+def _failed(source: AdapterSource, reason: Reason, message: str, uri: str | None = None,
+            digest: str | None = None) -> ResolvedAdapter:
+    return ResolvedAdapter(source.name, uri=uri, digest=digest, verdict="Failed", reason=reason, message=message,
+                           claim_uri=uri)
+
+
+def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymentSpec) -> ResolvedAdapter:
+    assert source.lora_job_ref is not None
+    ref = source.lora_job_ref.name
+    if job is None:
+        return _failed(source, Reason.LORAJOB_NOT_FOUND, f"LoRAJob {ref!r} does not exist in this namespace")
+    if job.phase == JobPhase.FAILED:
+        detail = f": {job.message}" if job.message else ""
+        return _failed(source, Reason.LORAJOB_FAILED, f"LoRAJob {ref!r} failed{detail}")
+    info = job.adapter
+    if info is None:
+        detail = f" ({job.message})" if job.message else ""
+        return _pending(source, Reason.LORAJOB_NOT_READY,
+                        f"LoRAJob {ref!r} is {job.phase}{detail}; waiting for its adapter", job.output_uri)
+    if source.digest and source.digest != info.digest:
+        return _failed(source, Reason.DIGEST_MISMATCH,
+                       f"pinned digest {source.digest} but LoRAJob {ref!r} published {info.digest}",
+                       info.uri, info.digest)
+    if info.peft_type.upper() != "LORA":
+        return _failed(source, Reason.NOT_LORA, f"LoRAJob {ref!r} published a {info.peft_type} adapter; only LORA "
+                       "can be served", info.uri, info.digest)
+    if info.rank > spec.vllm.max_lora_rank:
+        return _failed(source, Reason.RANK_TOO_LARGE,
+                       f"rank {info.rank} > vllm.maxLoraRank {spec.vllm.max_lora_rank}", info.uri, info.digest)
+    return ResolvedAdapter(source.name, uri=info.uri, digest=info.digest, claim_uri=info.uri)
+
+
+def resolve_adapters(spec: AdapterDeploymentSpec, jobs: Mapping[str, JobView]) -> list[ResolvedAdapter]:
+    """Resolve every adapter in spec order; ``jobs`` maps LoRAJob names (same namespace) to their views.
+
+    Adapters beyond vllm.maxCpuLoras (counting only those that would be loaded) fail with TooManyAdapters,
+    so the first ones listed keep working when the list grows too long.
+    """
+    out: list[ResolvedAdapter] = []
+    loadable = 0
+    for source in spec.adapters:
+        if source.lora_job_ref is not None:
+            resolved = _from_job(source, jobs.get(source.lora_job_ref.name), spec)
+        else:
+            resolved = ResolvedAdapter(source.name, uri=source.uri, digest=source.digest, claim_uri=source.uri)
+        if resolved.verdict is None:
+            loadable += 1
+            if loadable > spec.vllm.max_cpu_loras:
+                resolved = _failed(source, Reason.TOO_MANY_ADAPTERS,
+                                   f"more than vllm.maxCpuLoras ({spec.vllm.max_cpu_loras}) adapters to serve; "
+                                   "raise it or remove adapters", resolved.uri, resolved.digest)
+        out.append(resolved)
+    return out
+
+
+def referenced_jobs(spec: AdapterDeploymentSpec) -> set[str]:
+    return {a.lora_job_ref.name for a in spec.adapters if a.lora_job_ref is not None}
