@@ -1,0 +1,202 @@
+"""`make demo`: the whole product once, on the local cluster, a tiny model and the CPU.
+
+    python -m kubelora_local.demo          # run it
+    python -m kubelora_local.demo --down   # stop the operator and the cluster
+
+Steps: start the local cluster (the CRDs are applied before the controller-manager), start the
+operator, put a tiny random-init model and a chat dataset on the `models`/`datasets` claims, apply
+examples/cpu-quickstart/, follow the LoRAJob's progress until Succeeded, apply the AdapterDeployment
+that serves its adapter, wait for Ready, ask the adapter a question through the OpenAI API, and print
+`kubectl get lj,ad`. Nothing here is faked: every step goes through the API server, the operator,
+the trainer and the CPU engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from kubelora_local import cluster
+from kubelora_local.kube import Kube, KubeError
+from kubelora_local.paths import default_state_dir, repo_root
+
+NAMESPACE = "default"
+EXAMPLES = repo_root() / "examples" / "cpu-quickstart"
+GROUP_PATH = f"/apis/kubelora.io/v1alpha1/namespaces/{NAMESPACE}"
+console = Console()
+
+
+def bin_path(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def kubectl(kubeconfig: str, *args: str, check: bool = True) -> str:
+    result = subprocess.run([bin_path("kubectl"), f"--kubeconfig={kubeconfig}", *args],
+                            capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def start_operator(state: Path, kubeconfig: str) -> subprocess.Popen[bytes]:
+    log = (state / "operator.log").open("ab")
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    proc = subprocess.Popen([bin_path("kubelora-operator"), "--all-namespaces", "--liveness", ""],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    (state / "run" / "operator.pid").write_text(str(proc.pid))
+    return proc
+
+
+def stop_operator(state: Path) -> None:
+    pid_file = state / "run" / "operator.pid"
+    if pid_file.exists():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+        pid_file.unlink()
+
+
+def seed_volumes(state: Path) -> None:
+    """The tiny base model and the dataset, where the runner mounts the claims."""
+    from kubelora_local.tinymodel import build_tiny_model, write_chat_dataset
+
+    claims = state / "pvcs" / NAMESPACE
+    model_dir = claims / "models" / "tiny-llama"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir)
+    write_chat_dataset(claims / "datasets" / "chat.jsonl", n=96)
+
+
+def get(kube: Kube, plural: str, name: str) -> dict[str, Any]:
+    try:
+        return kube.request("GET", f"{GROUP_PATH}/{plural}/{name}")
+    except KubeError as err:
+        if err.status == 404:
+            return {}
+        raise
+
+
+def progress_table(job: dict[str, Any]) -> Table:
+    status = job.get("status", {})
+    progress = status.get("progress") or {}
+    table = Table(title=f"LoRAJob {job.get('metadata', {}).get('name', '?')}", show_lines=False)
+    for column in ("phase", "step", "percent", "loss", "evalLoss", "tokens/s", "eta s", "checkpoint"):
+        table.add_column(column)
+    table.add_row(status.get("phase", "-"), f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
+                  f"{progress.get('percent', 0)}%", _fmt(progress.get("loss")), _fmt(progress.get("evalLoss")),
+                  _fmt(progress.get("tokensPerSecond")), str(progress.get("etaSeconds", "-")),
+                  str(progress.get("lastCheckpoint") or "-"))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value if value is not None else "-")
+
+
+def wait_for_job(kube: Kube, name: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    job: dict[str, Any] = {}
+    with Live(progress_table({"metadata": {"name": name}}), console=console, refresh_per_second=2) as live:
+        while time.monotonic() < deadline:
+            job = get(kube, "lorajobs", name)
+            live.update(progress_table(job))
+            if job.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                return job
+            time.sleep(1)
+    raise SystemExit(f"LoRAJob {name} did not finish in {timeout:.0f} s; see `kubectl describe lj {name}`")
+
+
+def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        ad = get(kube, "adapterdeployments", name)
+        status = ad.get("status", {})
+        line = f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, adapters {status.get('adaptersReady', '-')}"
+        if line != last:
+            console.print(line)
+            last = line
+        if status.get("phase") == "Ready":
+            return ad
+        if status.get("phase") == "Failed":
+            raise SystemExit(f"AdapterDeployment failed: {json.dumps(status.get('conditions'), indent=1)}")
+        time.sleep(1)
+    raise SystemExit(f"AdapterDeployment {name} not Ready in {timeout:.0f} s; see `kubectl describe ad {name}`")
+
+
+def ask(kube: Kube, deployment: str, model: str, question: str) -> str:
+    """Send one chat completion to a ready serving pod (the local cluster has no kube-proxy)."""
+    pods = kube.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods",
+                        params={"labelSelector": f"kubelora.io/adapterdeployment={deployment}"})["items"]
+    ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                    for c in p.get("status", {}).get("conditions", []))]
+    if not ready:
+        raise SystemExit("no ready serving pod")
+    url = f"http://{ready[0]['status']['podIP']}:8000/v1/chat/completions"
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
+            "temperature": 0}
+    answer = httpx.post(url, json=body, timeout=60).raise_for_status().json()
+    return str(answer["choices"][0]["message"]["content"])
+
+
+def run(state: Path) -> None:
+    started = time.monotonic()
+    console.rule("KubeLoRA demo")
+    console.print("1. local cluster  2. operator  3. tiny model + dataset  4. LoRAJob  5. AdapterDeployment  6. chat")
+    info = cluster.up(state)
+    kube = info.client()
+    console.print(f"[green]cluster ready[/] at {info.server} (KUBECONFIG={info.kubeconfig})")
+    stop_operator(state)
+    start_operator(state, info.kubeconfig)
+    console.print(f"operator started; log: {state / 'operator.log'}")
+    seed_volumes(state)
+    console.print("tiny model at pvc://models/tiny-llama, dataset at pvc://datasets/chat.jsonl")
+    for manifest in ("storage.yaml", "lorajob.yaml"):
+        console.print(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / manifest)).strip())
+    job = wait_for_job(kube, "tiny-chat", timeout=900)
+    if job["status"]["phase"] != "Succeeded":
+        raise SystemExit(f"LoRAJob failed: {job['status'].get('message')}")
+    adapter = job["status"]["adapter"]
+    console.print(f"[green]adapter[/] {adapter['uri']} {adapter['digest'][:19]}… ({adapter['sizeBytes']} bytes)")
+    console.print(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f",
+                          str(EXAMPLES / "adapterdeployment.yaml")).strip())
+    wait_for_deployment(kube, "tiny-chat", timeout=300)
+    question = "What is the capital of France?"
+    console.print(f"[bold]user[/]: {question}")
+    console.print(f"[bold]tiny-chat[/] (adapter): {ask(kube, 'tiny-chat', 'tiny-chat', question)!r}")
+    console.print(f"[bold]tiny-llama[/] (base): {ask(kube, 'tiny-chat', 'tiny-llama', question)!r}")
+    console.print(kubectl(info.kubeconfig, "get", "lj,ad", "-n", NAMESPACE))
+    console.print(f"demo finished in {time.monotonic() - started:.0f} s. Stop it with `make demo-down`; "
+                  f"explore with `export KUBECONFIG={info.kubeconfig}`.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubelora-demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--down", action="store_true", help="stop the demo's operator and cluster")
+    parser.add_argument("--state-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    state = (args.state_dir or default_state_dir()).resolve()
+    if args.down:
+        stop_operator(state)
+        console.print("stopped: " + (", ".join(cluster.down(state)) or "nothing was running"))
+        return 0
+    run(state)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
