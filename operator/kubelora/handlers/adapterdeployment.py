@@ -1,0 +1,200 @@
+"""AdapterDeployment handlers: apply the children, then keep the status in step with the agents.
+
+Flow: create/update/resume -> resolve adapters (LoRAJob index) -> build children (pure) -> server-side apply.
+A timer per object, every ``adapter_poll_seconds``, resolves again (so a LoRAJob that publishes a new
+adapter rolls it forward through the ConfigMap), applies only children that changed, asks each serving
+pod's agent for its adapters and patches ``status`` only when the aggregate differs. Pods, Deployments and
+LoRAJobs come from kopf indexes (watch streams held in memory), so a steady state costs no API calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TypeVar
+
+import kopf
+from pydantic import ValidationError
+
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
+from kubelora.api.common import GROUP, VERSION, now_rfc3339
+from kubelora.api.reasons import DeploymentPhase, Reason
+from kubelora.handlers.adapterdeployment_agents import poll_agents
+from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed
+from kubelora.handlers.adapterdeployment_kube import APPLIER, ApplyError
+from kubelora.reconcile.adapterdeployment_refs import (
+    JobView,
+    ResolvedAdapter,
+    job_view,
+    referenced_jobs,
+    resolve_adapters,
+)
+from kubelora.reconcile.adapterdeployment_spec import parse_spec, status_patch
+from kubelora.reconcile.adapterdeployment_status import Observed, aggregate_status
+from kubelora.reconcile.adapterdeployment_views import (
+    DeploymentView,
+    PodView,
+    ReplicaReport,
+    deployment_view,
+    pod_view,
+)
+from kubelora.resources.pods import DEPLOYMENT_LABEL
+from kubelora.resources.serving_common import endpoint
+from kubelora.resources.serving_engine import ServingSpecError
+from kubelora.settings import Settings
+
+AD = (GROUP, VERSION, "adapterdeployments")
+LORAJOBS = (GROUP, VERSION, "lorajobs")
+Key = tuple[str, str]
+V = TypeVar("V")
+
+
+def _settings() -> Settings:
+    from kubelora import handlers
+
+    return handlers.SETTINGS
+
+
+def _poll_seconds() -> float:
+    """kopf fixes a timer's interval when the module is imported, before ``configure()`` runs; the value
+    comes from KUBELORA_ADAPTER_POLL_SECONDS, which is also the only source ``configure()`` gets it from."""
+    return Settings.from_env().adapter_poll_seconds
+
+
+@kopf.index(*LORAJOBS)
+def lorajob_views(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Key, JobView]:
+    return {(namespace or "", name): job_view(body)}
+
+
+@kopf.index("pods", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+def serving_pods(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Key, PodView]:
+    return {(namespace or "", labels[DEPLOYMENT_LABEL]): pod_view(body)}
+
+
+@kopf.index("apps", "v1", "deployments", labels={DEPLOYMENT_LABEL: kopf.PRESENT})
+def serving_deployments(namespace: str | None, name: str, body: kopf.Body, meta: kopf.Meta,
+                        **_: Any) -> dict[Key, DeploymentView] | None:
+    owners = meta.get("ownerReferences") or []
+    if not any(o.get("kind") == "AdapterDeployment" and o.get("name") == name for o in owners):
+        return None
+    return {(namespace or "", name): deployment_view(body)}
+
+
+def _values(index: kopf.Index[Key, V] | None, key: Key) -> list[V]:
+    """The values an index holds under ``key`` (several objects may map to one key)."""
+    return list(index.get(key, [])) if index is not None else []
+
+
+def _jobs(index: kopf.Index[Key, JobView] | None, namespace: str | None,
+          spec: AdapterDeploymentSpec) -> dict[str, JobView]:
+    out: dict[str, JobView] = {}
+    for job in referenced_jobs(spec):
+        for view in _values(index, (namespace or "", job)):
+            out[job] = view
+    return out
+
+
+def _first(index: kopf.Index[Key, DeploymentView] | None, key: Key) -> DeploymentView | None:
+    return next(iter(_values(index, key)), None)
+
+
+def _previous(body: Mapping[str, Any]) -> AdapterDeploymentStatus | None:
+    try:
+        return AdapterDeploymentStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return None
+
+
+def _write_status(body: kopf.Body, patch: kopf.Patch, new: AdapterDeploymentStatus, logger: kopf.Logger) -> None:
+    diff = status_patch(body.get("status"), new)
+    if diff is None:
+        return
+    patch.setdefault("status", {}).update(diff)
+    before = (body.get("status") or {}).get("phase")
+    if before != new.phase:
+        level = kopf.warn if new.phase in (DeploymentPhase.DEGRADED, DeploymentPhase.FAILED) else kopf.info
+        conditions = {c.type: c for c in new.conditions}
+        detail = next((c.message for c in conditions.values() if c.status == "True" and c.type == "Degraded"), "")
+        level(body, reason=f"Phase{new.phase}", message=detail or f"phase {before or 'none'} -> {new.phase}")
+        logger.info("phase %s -> %s", before, new.phase)
+
+
+def _observed(body: Mapping[str, Any], spec: AdapterDeploymentSpec | None, invalid: str | None,
+              resolved: list[ResolvedAdapter], **kw: Any) -> Observed:
+    raw_spec = body.get("spec") or {}
+    port = spec.service.port if spec else int((raw_spec.get("service") or {}).get("port") or 8000)
+    return Observed(
+        generation=int(body["metadata"].get("generation") or 0),
+        desired_replicas=spec.replicas if spec else int(raw_spec.get("replicas") or 0),
+        endpoint=endpoint(body, port),
+        desired_adapters=len(raw_spec.get("adapters") or []),
+        resolved=resolved,
+        invalid=invalid,
+        **kw,
+    )
+
+
+@kopf.on.resume(*AD)
+@kopf.on.create(*AD)
+@kopf.on.update(*AD, field="spec")
+def serve(body: kopf.Body, namespace: str | None, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
+          lorajob_views: kopf.Index[Key, JobView] | None = None, **_: Any) -> None:
+    """Apply every child. An unservable spec ends Failed (InvalidSpec) without retries."""
+    spec, invalid = parse_spec(body)
+    resolved: list[ResolvedAdapter] = []
+    if spec is not None:
+        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec))
+        settings = _settings()
+        try:
+            children = build_children(body, spec, resolved, image=spec.vllm.image or settings.server_image,
+                                      pull_policy=settings.image_pull_policy)
+        except ServingSpecError as exc:
+            invalid = str(exc)
+        else:
+            try:
+                apply_children(children, memo, APPLIER.apply)
+            except ApplyError as exc:
+                raise kopf.TemporaryError(str(exc), delay=30 if exc.status == 403 else 5) from None
+    if invalid is not None:
+        kopf.warn(body, reason=Reason.INVALID_SPEC, message=invalid)
+        new = aggregate_status(_observed(body, None, invalid, []), _previous(body), now_rfc3339())
+        _write_status(body, patch, new, logger)
+
+
+async def _sync_changed(body: kopf.Body, spec: AdapterDeploymentSpec, resolved: list[ResolvedAdapter],
+                        memo: MutableMapping[str, Any], logger: kopf.Logger) -> str | None:
+    """Apply the children that changed since the last apply; returns an InvalidSpec message, if any."""
+    settings = _settings()
+    try:
+        children = build_children(body, spec, resolved, image=spec.vllm.image or settings.server_image,
+                                  pull_policy=settings.image_pull_policy)
+    except ServingSpecError as exc:
+        return str(exc)
+    todo = changed(children, memo)
+    if todo:
+        try:
+            applied = await asyncio.to_thread(apply_children, todo, memo, APPLIER.apply)
+            logger.info("applied %s", ", ".join(applied))
+        except ApplyError as exc:  # the next tick retries; the handlers' retries report it too
+            logger.warning("%s", exc)
+    return None
+
+
+@kopf.timer(*AD, interval=_poll_seconds(), id="observe")
+async def observe(body: kopf.Body, namespace: str | None, name: str, patch: kopf.Patch, memo: kopf.Memo,
+                  logger: kopf.Logger, lorajob_views: kopf.Index[Key, JobView] | None = None,
+                  serving_pods: kopf.Index[Key, PodView] | None = None,
+                  serving_deployments: kopf.Index[Key, DeploymentView] | None = None, **_: Any) -> None:
+    """Resolve, apply what changed, poll the agents, and patch the status only if it differs."""
+    key = (namespace or "", name)
+    spec, invalid = parse_spec(body)
+    resolved: list[ResolvedAdapter] = []
+    reports: list[ReplicaReport] = []
+    if spec is not None:
+        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec))
+        invalid = await _sync_changed(body, spec, resolved, memo, logger)
+        if invalid is None:
+            reports = await poll_agents(_values(serving_pods, key))
+    obs = _observed(body, spec, invalid, resolved if invalid is None else [],
+                    deployment=_first(serving_deployments, key), replicas=reports)
+    _write_status(body, patch, aggregate_status(obs, _previous(body), now_rfc3339()), logger)

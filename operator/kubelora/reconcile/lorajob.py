@@ -1,0 +1,173 @@
+"""Reconcile a LoRAJob: (object, observed children) -> (next status, actions). Pure; no API calls.
+
+Phases::
+
+    Pending -> Validating -> Running -> Succeeded | Failed
+                  |            ^  |
+                  v            |  v
+                Failed      Suspended   (spec.suspend deletes the training Job, keeps checkpoints;
+                                         back to false creates a new Job that resumes from them)
+
+Which revision runs, and with which spec, is decided here:
+
+* ``status.revision`` is the generation whose training fields (``LoRAJobSpec.training_fields()``)
+  are being trained; its spec is frozen in the ConfigMap ``<job>-trainer-<revision>`` (``run_config``).
+* Before training starts (and after the run ended), a change of training fields starts a new
+  revision at the current generation. Once training started, the run keeps its spec; the change is
+  reported as Validated=False/SpecImmutable and becomes a new run when the current one ends.
+* A spec that fails the pydantic model (rules the CRD schema cannot express) is reported as
+  InvalidSpec: a run that has not started ends Failed, a running one continues with its frozen spec.
+  No exception escapes, so kopf never retries a spec that will never pass.
+
+The same inputs give the same status and no actions, so repeated events are free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus
+from kubelora.api.reasons import JobPhase, Reason
+from kubelora.api.runtime import TrainerRunConfig
+from kubelora.reconcile.lorajob_actions import Action, Delete
+from kubelora.reconcile.lorajob_observed import Observed
+from kubelora.reconcile.lorajob_run import RunInput, RunStep, advance, clip
+from kubelora.reconcile.lorajob_status import (
+    TERMINAL,
+    Drift,
+    Outcome,
+    Verdict,
+    conditions,
+    parse_status,
+    status_patch,
+    terminal_outcome,
+)
+from kubelora.resources.lorajob_names import validation_job_name
+from kubelora.settings import Settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The result of one reconcile."""
+
+    status: dict[str, Any]
+    """The desired status in wire form, without ``progress`` (the trainer's)."""
+    patch: dict[str, Any]
+    """Merge patch for the status subresource; empty when nothing changed."""
+    actions: tuple[Action, ...] = ()
+    old_phase: str | None = None
+    requeue: bool = False
+    """Reconcile again at once: a run just ended and a pending spec change starts the next one."""
+
+    @property
+    def phase(self) -> str:
+        return str(self.status["phase"])
+
+    @property
+    def message(self) -> str:
+        return str(self.status.get("message", ""))
+
+    @property
+    def transitioned(self) -> bool:
+        return self.old_phase != self.phase
+
+
+def training_changes(current: LoRAJobSpec, trained: LoRAJobSpec) -> list[str]:
+    """Dotted manifest paths (``spec.training.learningRate``) of training fields that differ."""
+    return _diff(trained.training_fields(), current.training_fields(), "spec")
+
+
+def _diff(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [p for key in sorted(set(old) | set(new)) for p in _diff(old.get(key), new.get(key), f"{path}.{key}")]
+    return [] if old == new else [path]
+
+
+def with_training_fields(current: LoRAJobSpec, trained: LoRAJobSpec) -> LoRAJobSpec:
+    """The latest spec (resources, image, limits, suspend) with the training fields the run started with."""
+    keys = set(trained.training_fields())
+    names = [name for name, info in LoRAJobSpec.model_fields.items() if (info.alias or name) in keys]
+    return current.model_copy(update={name: getattr(trained, name) for name in names})
+
+
+def pydantic_message(exc: ValidationError) -> str:
+    """One line per error, located by manifest path: ``spec.dataset: set either evalSplit or evalUri``."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(["spec", *(str(p) for p in err["loc"])])
+        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(lines)
+
+
+def _immutable_message(changes: list[str], revision: int) -> str:
+    shown = ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
+    return (f"{shown} changed after training of revision {revision} started; the run keeps the values it "
+            "started with. The change starts a new run when this one ends; revert it to keep only this "
+            "run, or delete and re-create the LoRAJob to start over now")
+
+
+def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRunConfig | None,
+              settings: Settings, now: str) -> Plan:
+    """Compute the next status and the children to create or delete.
+
+    ``run_config`` is the content of the current revision's ConfigMap when the caller has it (it is
+    needed only when ``metadata.generation`` differs from ``status.revision``); ``now`` is RFC 3339.
+    """
+    generation = int(body["metadata"].get("generation") or 1)
+    raw_status: Mapping[str, Any] = body.get("status") or {}
+    raw_progress = raw_status.get("progress")
+    progress = raw_progress if isinstance(raw_progress, dict) else None
+    raw_spec = body.get("spec") or {}
+    old = parse_status(raw_status)
+    try:
+        spec: LoRAJobSpec | None = LoRAJobSpec.model_validate(raw_spec)
+        invalid = ""
+    except ValidationError as exc:
+        spec, invalid = None, clip(pydantic_message(exc))
+
+    have_config = run_config is not None and run_config.revision == old.revision
+    trained = run_config.spec if have_config and run_config is not None else spec
+    changes = training_changes(spec, trained) if spec is not None and trained is not None else []
+    not_started = old.job_name is None and old.phase not in (JobPhase.RUNNING, *TERMINAL)
+    status, actions, progress_patch = old, list[Action](), dict[str, Any]()
+    if spec is not None and (old.revision is None or (changes and (old.phase in TERMINAL or not_started))):
+        if old.revision is not None and not_started:
+            actions.append(Delete("batch/v1", "Job", validation_job_name(body["metadata"]["name"], old.revision)))
+        status = LoRAJobStatus(revision=generation, conditions=old.conditions)
+        trained, changes = spec, []
+        if progress is not None:
+            progress_patch["progress"] = None
+
+    drift: Drift | None = None
+    step = RunStep(terminal_outcome(status)) if status.phase in TERMINAL else None
+    if status.revision is None:
+        message = f"invalid spec: {invalid}"
+        step = RunStep(Outcome(JobPhase.FAILED, Reason.INVALID_SPEC, message,
+                               Verdict("False", Reason.INVALID_SPEC, message)))
+    elif spec is None:
+        keeps = "" if step else f"; revision {status.revision} keeps running with the spec it started with"
+        drift = Drift(Reason.INVALID_SPEC, f"invalid spec (generation {generation}): {invalid}{keeps}")
+    elif changes:
+        drift = Drift(Reason.SPEC_IMMUTABLE, clip(_immutable_message(changes, status.revision)))
+    if step is None:
+        assert status.revision is not None
+        effective = with_training_fields(spec, trained) if spec and trained and changes else (spec or trained)
+        step = advance(RunInput(
+            body=body, status=status, revision=status.revision, spec=effective,
+            suspend=raw_spec.get("suspend") is True, observed=observed, settings=settings, now=now,
+            last_checkpoint=str(progress["lastCheckpoint"]) if progress and progress.get("lastCheckpoint") else None))
+    outcome = step.outcome
+    new = status.model_copy(update={
+        **step.updates, "phase": outcome.phase, "observed_generation": generation, "message": outcome.message,
+        "conditions": conditions(status.conditions, outcome, drift, generation, now)})
+    wire = new.wire()
+    if outcome.phase == JobPhase.SUCCEEDED and progress is not None and progress.get("percent") != 100:
+        progress_patch["progress"] = {"percent": 100}
+    finished_now = outcome.phase in TERMINAL and old.phase not in TERMINAL
+    return Plan(status=wire, patch={**status_patch(raw_status, wire), **progress_patch},
+                actions=(*actions, *step.actions), old_phase=raw_status.get("phase"),
+                requeue=finished_now and bool(changes) and spec is not None)
