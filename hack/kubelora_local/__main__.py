@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start a fresh cluster (builds the binaries first if needed)")
     p_up.add_argument("--crds", type=Path, default=None, help="directory of CRD YAMLs (default: repo crds/)")
     p_up.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
+    p_up.add_argument("--pod-subnet", default="127.0.0", help="pods get <subnet>.2 .. .254 (default 127.0.0)")
     sub.add_parser("down", help="stop the runner, controller-manager, apiserver and etcd")
     sub.add_parser("status", help="show component PIDs and readiness (exit 1 if not ready)")
     p_build = sub.add_parser("build", help="build and cache kube-apiserver/kube-controller-manager (~6.5 min)")
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(build.build(force=args.force))
     elif args.cmd == "up":
         started = time.monotonic()
-        info = cluster.up(state, args.crds, build_if_missing=not args.no_build)
+        info = cluster.up(state, args.crds, build_if_missing=not args.no_build, pod_subnet=args.pod_subnet)
         print(f"cluster ready in {time.monotonic() - started:.1f} s: {info.server}", file=sys.stderr)
         print(f"export KUBECONFIG={info.kubeconfig}")
     elif args.cmd == "down":

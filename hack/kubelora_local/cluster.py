@@ -48,6 +48,7 @@ class ClusterInfo:
     ca_file: str
     apiserver_port: int
     etcd_port: int
+    pod_subnet: str = "127.0.0"  # pods get <pod_subnet>.2 .. .254
 
     @property
     def credentials(self) -> Credentials:
@@ -169,13 +170,14 @@ def up(
     crd_dir: Path | None = None,
     build_if_missing: bool = True,
     timeout: float = 90.0,
+    pod_subnet: str = "127.0.0",
 ) -> ClusterInfo:
     """Start a fresh cluster and return once Pods can run on the local node.
 
     If a healthy cluster already runs in `state_dir`, it is reused as is (idempotent `up`).
     """
     state = Path(state_dir or default_state_dir()).resolve()
-    crds = Path(crd_dir) if crd_dir else repo_root() / "crds"
+    crds = Path(crd_dir or os.environ.get("KUBELORA_CRD_DIR") or repo_root() / "crds")
     if is_running(state):
         return load(state)
     down(state)
@@ -187,13 +189,13 @@ def up(
         build.ensure_runtime_packages()
 
     try:
-        return _start(state, crds, timeout)
+        return _start(state, crds, timeout, pod_subnet)
     except BaseException:
         down(state)  # never leave half a cluster behind; logs stay in <state>/run
         raise
 
 
-def _start(state: Path, crds: Path, timeout: float) -> ClusterInfo:
+def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterInfo:
     bins = build.bin_dir()
     state.mkdir(parents=True, exist_ok=True)
     for sub in FRESH_DIRS:
@@ -245,6 +247,7 @@ def _start(state: Path, crds: Path, timeout: float) -> ClusterInfo:
         ca_file=str(keys.ca_crt),
         apiserver_port=api_port,
         etcd_port=etcd_port,
+        pod_subnet=pod_subnet,
     )
     kube = info.client()
     _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "/readyz")

@@ -1,7 +1,8 @@
-"""Loopback pod IPs: every Pod gets 127.0.0.x so that several pods can listen on the same port.
+"""Loopback pod IPs: every Pod gets <subnet>.x (default 127.0.0.x) so pods can share port numbers.
 
 Linux routes all of 127.0.0.0/8 to `lo`, so no interface setup is needed. 127.0.0.1 stays the
-host's (the API server listens there).
+host's (the API server listens there). Clusters running side by side (parallel test sessions)
+use different subnets, e.g. 127.93.17.x, so that their pods never collide on an address.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import threading
 
 
 class IpPool:
-    """Hands out 127.0.0.2 .. 127.0.0.254; an address is reused once its pod has finished."""
+    """Hands out <subnet>.2 .. <subnet>.254; an address is reused once its pod has finished."""
 
-    def __init__(self) -> None:
+    def __init__(self, subnet: str = "127.0.0") -> None:
+        self.prefix = subnet.rstrip(".") + "."
         self._lock = threading.Lock()
         self._used: set[int] = set()
 
     def allocate(self, preferred: str | None = None) -> str:
         with self._lock:
-            if preferred and preferred.startswith("127.0.0."):
+            if preferred and preferred.startswith(self.prefix):
                 last = int(preferred.rsplit(".", 1)[1])
                 if 2 <= last <= 254 and last not in self._used:
                     self._used.add(last)
@@ -26,10 +28,10 @@ class IpPool:
             for last in range(2, 255):
                 if last not in self._used:
                     self._used.add(last)
-                    return f"127.0.0.{last}"
+                    return f"{self.prefix}{last}"
         raise RuntimeError("no free loopback pod IP (253 pods are running)")
 
     def release(self, ip: str | None) -> None:
-        if ip and ip.startswith("127.0.0."):
+        if ip and ip.startswith(self.prefix):
             with self._lock:
                 self._used.discard(int(ip.rsplit(".", 1)[1]))

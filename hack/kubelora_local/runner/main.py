@@ -18,6 +18,7 @@ from ..cluster import NODE_NAME, load
 from ..kube import KubeError
 from . import node
 from .context import Obj, RunnerContext
+from .ips import IpPool
 from .pod import PodWorker
 
 log = logging.getLogger("kubelora.runner")
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     info = load(args.state_dir)
     ctx = RunnerContext(
-        kube=info.client(), state_dir=Path(info.state_dir), api_port=info.apiserver_port, node_name=NODE_NAME
+        kube=info.client(),
+        state_dir=Path(info.state_dir),
+        api_port=info.apiserver_port,
+        node_name=NODE_NAME,
+        ips=IpPool(info.pod_subnet),
     )
     runner = Runner(ctx)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop.set())

@@ -1,0 +1,146 @@
+"""e2e fixtures: one real local cluster (kube-apiserver + controller-manager + pod runner) per session.
+
+`cluster` starts it (building the binaries on first use, ~7 min) and fails loudly with the reason if
+it cannot; it never skips. Each session gets a private state dir and pod subnet (127.R.R.x), so
+parallel sessions do not collide. Set KUBELORA_REUSE_CLUSTER=1 to use (or start and keep) the
+cluster of `kubelora-local up` instead, which saves ~6 s per session while iterating.
+CRDs come from the repo's crds/ (or $KUBELORA_CRD_DIR) and are applied before the controller-manager.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from kubelora_local import cluster as local_cluster
+from kubelora_local.kube import Kube, KubeError
+from kubelora_local.paths import cache_root, default_state_dir
+
+T = TypeVar("T")
+
+
+@dataclass
+class LocalCluster:
+    """Handle on the running cluster: paths, a dict-based REST client and `kubernetes` API objects."""
+
+    info: local_cluster.ClusterInfo
+    kubeconfig: Path
+    state_dir: Path
+    kube: Kube  # plain-dict client (kubelora_local.kube): no model strictness surprises
+    api_client: Any  # kubernetes.client.ApiClient configured from the kubeconfig
+    core: Any  # kubernetes.client.CoreV1Api
+    apps: Any  # kubernetes.client.AppsV1Api
+    batch: Any  # kubernetes.client.BatchV1Api
+    custom: Any  # kubernetes.client.CustomObjectsApi
+    reused: bool = False
+    started_in: float = field(default=0.0)
+
+    def wait_for(self, check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+        """Poll `check` every 0.1 s until it returns something truthy; fail the test on timeout."""
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                result = check()
+                if result:
+                    return result
+            except (KubeError, KeyError, IndexError, TypeError) as e:
+                last_error = e
+            time.sleep(0.1)
+        pytest.fail(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
+
+    def pvc_dir(self, namespace: str, claim: str) -> Path:
+        """Host directory backing a PVC on the local node."""
+        return self.state_dir / "pvcs" / namespace / claim
+
+    def log_path(self, namespace: str, pod: str, container: str) -> Path:
+        """Host file with a container's stdout+stderr."""
+        return self.state_dir / "logs" / namespace / pod / f"{container}.log"
+
+    def logs(self, namespace: str, pod: str, container: str) -> str:
+        path = self.log_path(namespace, pod, container)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _kubernetes_clients(kubeconfig: Path) -> tuple[Any, Any, Any, Any, Any]:
+    """kubernetes reads KUBECONFIG at import time: point both the env and its module default at ours."""
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    from kubernetes import client, config
+    from kubernetes.config import kube_config
+
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kubeconfig)
+    config.load_kube_config(config_file=str(kubeconfig))
+    api = client.ApiClient()
+    return api, client.CoreV1Api(api), client.AppsV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    """The session's local cluster (see module docstring)."""
+    reuse = os.environ.get("KUBELORA_REUSE_CLUSTER") == "1"
+    if reuse:
+        state_dir, subnet = default_state_dir(), "127.0.0"
+    else:
+        # A private state dir and pod subnet: parallel sessions on one machine never collide.
+        (cache_root() / "e2e").mkdir(exist_ok=True)
+        state_dir = Path(tempfile.mkdtemp(prefix="session-", dir=cache_root() / "e2e"))
+        subnet = f"127.{random.randint(100, 254)}.{random.randint(1, 254)}"
+    started = time.monotonic()
+    reused = reuse and local_cluster.is_running(state_dir)
+    error = ""
+    try:
+        info = local_cluster.up(state_dir, pod_subnet=subnet)
+    except Exception as e:
+        error = f"the local Kubernetes cluster could not start ({type(e).__name__}): {e}"
+    if error:  # outside the except block: one clear message, no exception chain
+        if not reuse:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        pytest.fail(error, pytrace=False)
+    kubeconfig = Path(info.kubeconfig)
+    api, core, apps, batch, custom = _kubernetes_clients(kubeconfig)
+    handle = LocalCluster(
+        info=info,
+        kubeconfig=kubeconfig,
+        state_dir=Path(info.state_dir),
+        kube=info.client(),
+        api_client=api,
+        core=core,
+        apps=apps,
+        batch=batch,
+        custom=custom,
+        reused=reused,
+        started_in=time.monotonic() - started,
+    )
+    yield handle
+    if not reuse:
+        local_cluster.down(state_dir)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace whose default ServiceAccount has its token (pods need it); deleted after."""
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:5]}"
+    cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    cluster.wait_for(
+        lambda: cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default").get("secrets"),
+        timeout=20,
+        what=f"serviceaccount {name}/default token",
+    )
+    yield name
+    try:
+        cluster.kube.delete(f"/api/v1/namespaces/{name}")
+    except KubeError as e:
+        if e.status != 404:
+            raise
