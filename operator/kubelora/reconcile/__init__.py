@@ -1,4 +1,5 @@
-"""Pure reconciliation logic: observed objects in, decisions and statuses out. No API calls, no kopf.
+"""Pure reconcile logic: object + observed children in, next status + actions out.
 
-Sits beside ``resources`` (which builds manifests) and below ``handlers`` (which fetch, apply and patch).
+Sits between the thin kopf handlers (which observe and apply) and the pure builders in
+``kubelora.resources``: handlers > reconcile > resources > api. Nothing here calls the API.
 """
