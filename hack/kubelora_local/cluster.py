@@ -11,6 +11,7 @@ Every `up` is a fresh cluster (new PKI, empty etcd, empty PVC dirs); binaries ar
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import shutil
@@ -139,7 +140,7 @@ def apply_crds(kube: Kube, crd_dir: Path, timeout: float = 30.0) -> list[str]:
         return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
 
     for name in names:
-        if not processes.wait_for(lambda n=name: established(n), timeout, interval=0.05):
+        if not processes.wait_for(functools.partial(established, name), timeout, interval=0.05):
             raise ClusterError(f"CRD {name} not Established after {timeout} s")
     return names
 

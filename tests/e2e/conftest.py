@@ -19,14 +19,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from kubelora_local import cluster as local_cluster
 from kubelora_local.kube import Kube, KubeError
 from kubelora_local.paths import cache_root, default_state_dir
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -45,7 +43,7 @@ class LocalCluster:
     reused: bool = False
     started_in: float = field(default=0.0)
 
-    def wait_for(self, check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    def wait_for(self, check: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
         """Poll `check` every 0.1 s until it returns something truthy; fail the test on timeout."""
         deadline = time.monotonic() + timeout
         last_error: Exception | None = None

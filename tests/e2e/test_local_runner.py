@@ -53,7 +53,8 @@ def _wait_job(cluster: LocalCluster, ns: str, name: str, condition: str, timeout
         job = cluster.kube.get(f"/apis/batch/v1/namespaces/{ns}/jobs/{name}")
         return job if _condition(job, condition) else None
 
-    return cluster.wait_for(done, timeout=timeout, what=f"Job {name} {condition}")
+    job: Obj = cluster.wait_for(done, timeout=timeout, what=f"Job {name} {condition}")
+    return job
 
 
 def _waiting(cluster: LocalCluster, ns: str, name: str) -> Obj:

@@ -52,11 +52,11 @@ class RunnerContext:
 
     def pod_dir(self, pod: Obj) -> Path:
         meta = pod["metadata"]
-        return self.state_dir / "pods" / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
+        return self.state_dir / "pods" / str(meta["namespace"]) / f"{meta['name']}-{meta['uid'][:8]}"
 
     def log_path(self, pod: Obj, container: str) -> Path:
         meta = pod["metadata"]
-        return self.state_dir / "logs" / meta["namespace"] / meta["name"] / f"{container}.log"
+        return self.state_dir / "logs" / str(meta["namespace"]) / str(meta["name"]) / f"{container}.log"
 
     def pvc_dir(self, namespace: str, claim: str) -> Path:
         return self.state_dir / "pvcs" / namespace / claim

@@ -88,7 +88,7 @@ def field_value(pod: Obj, path: str, pod_ip: str) -> str:
     }
     if path not in values:
         raise ConfigError("CreateContainerConfigError", f"unsupported fieldRef {path!r}")
-    return values[path]
+    return str(values[path])
 
 
 def resource_value(container: Obj, ref: Obj, host_cpus: int, host_mem: int) -> str:
