@@ -1,0 +1,78 @@
+"""Adapter/deployment compatibility: peft type, base model (normalised spellings), rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubelora.api.reasons import Reason
+from kubelora.api.runtime import AdapterManifest
+from kubelora_server.agent.compat import adapter_rank, base_model_aliases, check_compatible
+
+
+def manifest(base: str, peft_type: str = "LORA") -> AdapterManifest:
+    return AdapterManifest(digest="sha256:" + "0" * 64, files={}, size_bytes=0, base_model=base, peft_type=peft_type,
+                           rank=8, lora_alpha=16, target_modules=["q_proj"], method="lora",
+                           created_at="2026-01-01T00:00:00Z")
+
+
+def config(base: str | None = "/mnt/pvc/models/llama", r: int = 8, **extra: Any) -> dict[str, Any]:
+    return {"peft_type": "LORA", "r": r, "base_model_name_or_path": base, **extra}
+
+
+@pytest.mark.parametrize(("declared", "served"), [
+    ("/mnt/pvc/models/llama", "pvc://models/llama"),
+    ("/mnt/pvc/models/llama/", "pvc://models/llama"),
+    ("pvc://models/llama", "pvc://models/llama/"),
+    ("/data/llama", "file:///data/llama"),
+    ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B"),
+    ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B@main"),
+    ("/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc123",
+     "hf://meta-llama/Llama-3.1-8B"),
+    ("s3://models/llama", "s3://models/llama/"),
+])
+def test_same_base_in_different_spellings_matches(declared: str, served: str) -> None:
+    assert check_compatible(config(declared), None, served, 64) is None
+
+
+def test_manifest_base_rescues_a_trainer_local_path() -> None:
+    odd = config("/tmp/trainer-scratch/model")
+    assert check_compatible(odd, manifest("pvc://models/llama"), "pvc://models/llama", 64) is None
+
+
+def test_different_base_is_a_mismatch_naming_both() -> None:
+    bad = check_compatible(config("/mnt/pvc/models/qwen"), manifest("pvc://models/qwen"), "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.BASE_MODEL_MISMATCH
+    assert "pvc://models/qwen" in bad.message and "pvc://models/llama" in bad.message
+
+
+def test_adapter_without_any_base_is_a_mismatch() -> None:
+    bad = check_compatible(config(None), None, "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.BASE_MODEL_MISMATCH
+
+
+def test_pvc_root_override_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBELORA_PVC_ROOT", "/srv/claims")
+    assert "/srv/claims/models/llama" in base_model_aliases("pvc://models/llama")
+    assert check_compatible(config("/srv/claims/models/llama"), None, "pvc://models/llama", 64) is None
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "IA3", ""])
+def test_non_lora_adapters_are_refused(peft_type: str) -> None:
+    cfg = config()
+    cfg["peft_type"] = peft_type
+    bad = check_compatible(cfg, None, "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.NOT_LORA
+
+
+def test_manifest_peft_type_is_checked_too() -> None:
+    bad = check_compatible(config(), manifest("pvc://models/llama", "IA3"), "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.NOT_LORA
+
+
+def test_rank_limit_uses_the_largest_rank_including_rank_pattern() -> None:
+    assert adapter_rank(config(r=8, rank_pattern={"q_proj": 32})) == 32
+    ok = check_compatible(config(r=16), None, "pvc://models/llama", 16)
+    assert ok is None
+    bad = check_compatible(config(r=8, rank_pattern={"q_proj": 32}), None, "pvc://models/llama", 16)
+    assert bad is not None and bad.reason == Reason.RANK_TOO_LARGE and "32" in bad.message
