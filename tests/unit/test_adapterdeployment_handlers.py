@@ -1,0 +1,113 @@
+"""Handler helpers at their boundaries: agent polling over a mock transport, change-only applies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.handlers.adapterdeployment_agents import poll_agents
+from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed
+from kubelora.handlers.adapterdeployment_kube import object_path
+from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
+from kubelora.reconcile.adapterdeployment_views import PodView
+
+DIGEST = "sha256:" + "a" * 64
+
+
+def pod(name: str, ip: str | None = "127.0.0.9", phase: str = "Running", terminating: bool = False) -> PodView:
+    return PodView(name=name, uid=f"uid-{name}", ip=ip, phase=phase, ready=True, terminating=terminating)
+
+
+def agent_transport(answers: dict[str, Any]) -> httpx.MockTransport:
+    """Fakes each pod's agent: host -> JSON body (dict), HTTP status (int) or an exception."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        assert request.url.port == 8081 and request.url.path == "/adapters"
+        answer = answers[request.url.host]
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, int):
+            return httpx.Response(answer)
+        return httpx.Response(200, json=answer)
+
+    return httpx.MockTransport(handle)
+
+
+def test_poll_agents_reads_reports_and_tolerates_bad_agents() -> None:
+    report = {"pod": "a", "engineReady": True, "generation": "7",
+              "adapters": [{"name": "support", "state": "Loaded", "digest": DIGEST}]}
+    answers = {"127.0.0.2": report, "127.0.0.3": 503, "127.0.0.4": httpx.ConnectError("refused"),
+               "127.0.0.5": {"unexpected": True}}
+    pods = [pod("a", "127.0.0.2"), pod("b", "127.0.0.3"), pod("c", "127.0.0.4"), pod("d", "127.0.0.5"),
+            pod("pending", None, phase="Pending"), pod("leaving", "127.0.0.6", terminating=True)]
+    reports = asyncio.run(poll_agents(pods, transport=agent_transport(answers)))
+    assert [r.pod for r in reports] == ["a", "b", "c", "d"]
+    assert reports[0].report is not None and reports[0].report.adapters[0].state == "Loaded"
+    assert all(r.report is None and r.error for r in reports[1:])
+
+
+def test_poll_agents_with_no_pods_makes_no_requests() -> None:
+    assert asyncio.run(poll_agents([], transport=agent_transport({}))) == []
+
+
+def ad_body() -> dict[str, Any]:
+    return {"apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment",
+            "metadata": {"name": "support", "namespace": "ml", "uid": "uid-1", "labels": {"team": "a"}},
+            "spec": {"baseModel": {"uri": "file:///m", "servedName": "m"}, "engine": "cpu"}}
+
+
+def children(*resolved: ResolvedAdapter) -> list[dict[str, Any]]:
+    body = ad_body()
+    spec = AdapterDeploymentSpec.model_validate(body["spec"])
+    return build_children(body, spec, list(resolved), image="ghcr.io/kubelora/server:t", pull_policy="Never")
+
+
+def test_children_are_adopted_in_dependency_order() -> None:
+    kids = children()
+    assert [k["kind"] for k in kids] == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Deployment", "Service"]
+    for kid in kids:
+        assert kid["metadata"]["namespace"] == "ml"
+        assert [o["uid"] for o in kid["metadata"]["ownerReferences"]] == ["uid-1"]
+        assert kid["metadata"]["labels"]["team"] == "a"
+
+
+def test_only_changed_children_are_applied_again() -> None:
+    memo: dict[str, Any] = {}
+    sent: list[str] = []
+    apply_children(children(), memo, lambda m: sent.append(m["kind"]))
+    assert len(sent) == 6
+    assert changed(children(), memo) == []
+    new = children(ResolvedAdapter("legal", uri="s3://b/legal", digest=DIGEST))
+    todo = changed(new, memo)
+    assert [k["kind"] for k in todo] == ["ConfigMap"]  # an adapter change never touches the Deployment
+    data = json.loads(todo[0]["data"]["adapters.json"])
+    assert data["adapters"] == [{"name": "legal", "uri": "s3://b/legal", "digest": DIGEST}]
+
+
+def test_failed_apply_is_retried_next_time() -> None:
+    memo: dict[str, Any] = {}
+
+    def refuse_deployments(manifest: dict[str, Any]) -> None:
+        if manifest["kind"] == "Deployment":
+            raise RuntimeError("forbidden")
+
+    with pytest.raises(RuntimeError):
+        apply_children(children(), memo, refuse_deployments)
+    assert [k["kind"] for k in changed(children(), memo)] == ["Deployment", "Service"]
+
+
+@pytest.mark.parametrize(("manifest", "path"), [
+    pytest.param({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "n"}},
+                 "/api/v1/namespaces/n/configmaps/c", id="core"),
+    pytest.param({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "n"}},
+                 "/apis/apps/v1/namespaces/n/deployments/d", id="apps"),
+    pytest.param({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                  "metadata": {"name": "r", "namespace": "n"}},
+                 "/apis/rbac.authorization.k8s.io/v1/namespaces/n/rolebindings/r", id="rbac"),
+])
+def test_object_path(manifest: dict[str, Any], path: str) -> None:
+    assert object_path(manifest) == path
