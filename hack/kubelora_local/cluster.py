@@ -11,10 +11,12 @@ Every `up` is a fresh cluster (new PKI, empty etcd, empty PVC dirs); binaries ar
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -285,12 +287,25 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
 
 def down(state_dir: Path | None = None) -> list[str]:
     """Stop every component by PID (runner, KCM, apiserver, etcd); returns the ones that ran."""
-    run = Path(state_dir or default_state_dir()) / "run"
+    state = Path(state_dir or default_state_dir())
+    run = state / "run"
     stopped = []
     for name in COMPONENTS:
         if processes.stop(name, run, timeout=20 if name == "runner" else 10):
             stopped.append(name)
+        if name == "runner":
+            _kill_leftover_containers(state)
     return stopped
+
+
+def _kill_leftover_containers(state: Path) -> None:
+    """Container processes survive a runner that was SIGKILLed or crashed: kill their groups."""
+    for pid_file in (state / "pods").glob("*/*/containers/*/pid"):
+        pid = processes.pid_from_file(pid_file)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
 
 
 def status(state_dir: Path | None = None) -> dict[str, Any]:

@@ -51,14 +51,24 @@ def spawn(name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | N
             env=env,
             start_new_session=True,
         )
-    (run_dir / f"{name}.pid").write_text(f"{proc.pid} {_start_time(proc.pid) or ''}\n")
+    write_pid_file(run_dir / f"{name}.pid", proc.pid)
     return proc.pid
 
 
+def write_pid_file(path: Path, pid: int) -> None:
+    """Record `pid` with its start time, so that a reused PID is never mistaken for it."""
+    path.write_text(f"{pid} {_start_time(pid) or ''}\n")
+
+
 def read_pid(name: str, run_dir: Path) -> int | None:
-    """The PID from the PID file if that very process (same start time) is still alive."""
+    """The PID from `<run_dir>/<name>.pid` if that very process (same start time) is still alive."""
+    return pid_from_file(run_dir / f"{name}.pid")
+
+
+def pid_from_file(path: Path) -> int | None:
+    """The PID recorded in `path` if that very process is still alive."""
     try:
-        pid_s, _, started = (run_dir / f"{name}.pid").read_text().strip().partition(" ")
+        pid_s, _, started = path.read_text().strip().partition(" ")
     except OSError:
         return None
     pid = int(pid_s)

@@ -133,7 +133,7 @@ def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator
     cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     cluster.wait_for(
         lambda: cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default").get("secrets"),
-        timeout=20,
+        timeout=30,
         what=f"serviceaccount {name}/default token",
     )
     yield name

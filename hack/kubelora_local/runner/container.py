@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..processes import write_pid_file
 from .context import ConfigError, Obj, now
 from .probes import ProbeState, check
 from .sandbox import signal_group, spawn
@@ -45,6 +46,7 @@ class Container:
         self.workdir = workdir
         self.log_path = log_path
         self.term_file = workdir / "termination-log"
+        self.pid_file = workdir / "pid"
         self.proc: subprocess.Popen[bytes] | None = None
         self.state: Obj = {"waiting": {"reason": "ContainerCreating"}}
         self.last_state: Obj = {}
@@ -107,6 +109,7 @@ class Container:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc = spawn(argv, env, self.workdir / "cwd", self.log_path)
+        write_pid_file(self.pid_file, self.proc.pid)  # lets `down` kill leftovers if the runner dies
         self.state = {"running": {"startedAt": started}}
 
     def poll(self) -> bool:
@@ -123,6 +126,7 @@ class Container:
         started = self.state.get("running", {}).get("startedAt", now())
         container_id = self.container_id
         self.proc = None
+        self.pid_file.unlink(missing_ok=True)
         self._terminated(exit_code, started, self._message(exit_code), container_id)
         return True
 
@@ -177,6 +181,7 @@ class Container:
             signal_group(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
+            self.pid_file.unlink(missing_ok=True)
 
     def probe(self, pod_ip: str, env: dict[str, str]) -> str | None:
         """Run due probes; returns 'liveness' if the container must be restarted."""
