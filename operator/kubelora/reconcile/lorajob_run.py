@@ -195,8 +195,10 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
     if run.spec is None:
         return RunStep(Outcome(phase, Reason.JOB_CREATED, "waiting for a valid spec to start training", verdict))
     actions: list[Action] = [Create(m) for m in trainer_identity(run.body)]
-    actions += [Create(trainer_config_map(run.body, run.revision, run.spec)),
-                Create(training_job(run.body, run.spec, run.revision, generation, run.settings))]
+    if run.observed.job(validation_job_name(run.body["metadata"]["name"], run.revision)) is None:
+        # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
+        actions.append(Create(trainer_config_map(run.body, run.revision, run.spec)))
+    actions.append(Create(training_job(run.body, run.spec, run.revision, generation, run.settings)))
     resumed = " (resuming from the newest checkpoint)" if run.status.job_name else ""
     updates = {"job_name": name, "attempts": 0, "start_time": run.status.start_time or run.now,
                "completion_time": None}

@@ -23,6 +23,7 @@ from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TRAINER_CONFIG_PATH
 from kubelora.resources.lorajob_names import (
     CONTAINER_NAME,
+    NAME_ANNOTATION,
     PREFLIGHT_COMPONENT,
     TRAINER_COMPONENT,
     child_labels,
@@ -127,7 +128,7 @@ def _pod_template(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, set
     if service_account is not None:
         pod["serviceAccountName"] = service_account
     labels = {PART_OF: "kubelora", MANAGED_BY: "kubelora-operator", **child_labels(name, component, revision)}
-    return {"metadata": {"labels": labels}, "spec": pod}
+    return {"metadata": {"labels": labels, "annotations": {NAME_ANNOTATION: name}}, "spec": pod}
 
 
 def _job(body: Mapping[str, Any], job_name: str, component: str, revision: int, template: Manifest, *,

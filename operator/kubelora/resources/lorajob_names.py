@@ -17,6 +17,8 @@ from kubelora.resources.pods import COMPONENT, INSTANCE, LORAJOB_LABEL
 
 LABEL_LIMIT = 63
 REVISION_LABEL = "kubelora.io/revision"
+NAME_ANNOTATION = "kubelora.io/lorajob-name"
+"""On pod templates: the full LoRAJob name, which the (63-character) label may have shortened."""
 TRAINER_COMPONENT = "trainer"
 PREFLIGHT_COMPONENT = "preflight"
 CONFIG_COMPONENT = "trainer-config"
