@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,10 +168,13 @@ class ModelHost:
         from peft import PeftModel
 
         try:
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._base, path, adapter_name=peft_name, is_trainable=False)
-            else:
-                self._peft.load_adapter(path, adapter_name=peft_name, is_trainable=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(self._base, path, adapter_name=peft_name,
+                                                           is_trainable=False)
+                else:
+                    self._peft.load_adapter(path, adapter_name=peft_name, is_trainable=False)
         except Exception as exc:
             log.warning("peft could not load %s from %s: %s", name, path, exc)
             if self._peft is not None and peft_name in self._peft.peft_config:
@@ -183,7 +187,9 @@ class ModelHost:
         if set(self._peft.peft_config) <= {peft_name}:
             self._base = self._peft.unload()
             self._peft = None
-        else:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "adapter was active which is now deleted": expected
             self._peft.delete_adapter(peft_name)
 
     def unload_adapter(self, name: str) -> None:
