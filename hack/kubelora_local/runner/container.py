@@ -60,6 +60,7 @@ class Container:
         self._log_offset = 0
         self._backoff = 0.0
         self.probes: dict[str, ProbeState] = {}
+        self.env: dict[str, str] = {}  # of the current run, for exec probes
 
     @property
     def supported(self) -> bool:
@@ -91,6 +92,7 @@ class Container:
     def start(self, argv: list[str], env: dict[str, str]) -> None:
         """Launch (or, for the noop image, complete at once)."""
         self.runs += 1
+        self.env = env
         if self.runs > 1:
             self.restart_count += 1
         self.term_file.parent.mkdir(parents=True, exist_ok=True)
@@ -183,18 +185,18 @@ class Container:
             self.proc = None
             self.pid_file.unlink(missing_ok=True)
 
-    def probe(self, pod_ip: str, env: dict[str, str]) -> str | None:
+    def probe(self, pod_ip: str) -> str | None:
         """Run due probes; returns 'liveness' if the container must be restarted."""
         t = time.monotonic()
         startup = self.probes["startup"]
         if startup.probe is not None and startup.result is not True:
             if startup.due(t):
-                startup.record(check(startup.probe, self.spec, pod_ip, self.pid, env), t)
+                startup.record(check(startup.probe, self.spec, pod_ip, self.pid, self.env), t)
             return "liveness" if startup.result is False else None
         for kind in ("liveness", "readiness"):
             state = self.probes[kind]
             if state.due(t):
-                state.record(check(state.probe or {}, self.spec, pod_ip, self.pid, env), t)
+                state.record(check(state.probe or {}, self.spec, pod_ip, self.pid, self.env), t)
         readiness = self.probes["readiness"]
         self.ready = readiness.result is True if readiness.probe is not None else True
         return "liveness" if self.probes["liveness"].result is False else None

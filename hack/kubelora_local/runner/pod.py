@@ -61,7 +61,7 @@ class PodWorker(threading.Thread):
         self._deleting = False
         self._shutdown = False
         self._last_status = ""
-        self._last_refresh = 0.0
+        self._last_refresh = -10.0
         self.finished = threading.Event()
 
     # --- called from the watch thread -------------------------------------------------------
@@ -113,6 +113,9 @@ class PodWorker(threading.Thread):
 
     def _step(self) -> None:
         if self.volumes is None:
+            if time.monotonic() < self._last_refresh + 1.0:
+                return  # a referenced object was missing: retry once a second
+            self._last_refresh = time.monotonic()
             volumes = PodVolumes(self.ctx, self.pod, self.ip)
             try:
                 volumes.prepare()
@@ -121,7 +124,6 @@ class PodWorker(threading.Thread):
                     c.set_waiting(e.reason, e.message)
                 return
             self.volumes = volumes
-            self._last_refresh = time.monotonic()
         elif time.monotonic() - self._last_refresh > REFRESH_EVERY:
             self._last_refresh = time.monotonic()
             try:
@@ -130,6 +132,8 @@ class PodWorker(threading.Thread):
                 log.warning("pod %s/%s: volume refresh: %s", self.ns, self.pod_name, e)
         pending_init = next((c for c in self.inits if c.exit_code != 0), None)
         if pending_init is not None:
+            for c in self.containers:
+                c.set_waiting("PodInitializing")
             self._drive(pending_init, init=True)
             return
         for c in self.containers:
@@ -141,7 +145,7 @@ class PodWorker(threading.Thread):
         if c.running:
             if c.poll():
                 self._after_exit(c, init)
-            elif c.kill_deadline is None and not init and c.probe(self.ip, self._probe_env()) == "liveness":
+            elif c.kill_deadline is None and not init and c.probe(self.ip) == "liveness":
                 log.info("pod %s/%s: liveness failed for %s", self.ns, self.pod_name, c.name)
                 c.terminate(float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
             return
@@ -166,9 +170,6 @@ class PodWorker(threading.Thread):
             "KUBERNETES_PORT": f"tcp://127.0.0.1:{port}",
             "POD_IP": self.ip,
         }
-
-    def _probe_env(self) -> dict[str, str]:
-        return {**self.ctx.host_env(), **self._service_env()}
 
     def _start(self, c: Container) -> None:
         assert self.volumes is not None
