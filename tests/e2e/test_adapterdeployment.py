@@ -1,0 +1,259 @@
+"""AdapterDeployment end to end on the local cluster with ``engine: cpu``: the operator, the agent sidecar
+and the CPU engine serving a tiny model, with adapters from a LoRAJob and from URIs.
+
+What is checked is what users rely on: every listed adapter answers chat completions under its own name,
+adapters come and go without restarting pods, a bad adapter fails alone with a reason, and a replaced pod
+comes back with every adapter loaded. Pods are reached on their pod IP (there is no kube-proxy locally).
+
+The LoRAJob adapter is trained for real by default. ``KUBELORA_E2E_FAKE_LORAJOB=1`` instead publishes a
+prepared adapter through the LoRAJob's status subresource (for when the training path is unavailable).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.tinymodel import build_tiny_model, write_chat_dataset
+
+from .conftest import LocalCluster
+
+pytestmark = pytest.mark.e2e
+
+Obj = dict[str, Any]
+GROUP_PATH = "/apis/kubelora.io/v1alpha1/namespaces"
+BASE_URI = "pvc://models/tiny"
+SERVED = "tiny"
+FAKE_LORAJOB = os.environ.get("KUBELORA_E2E_FAKE_LORAJOB") == "1"
+READY_TIMEOUT = 240.0
+
+
+@dataclass
+class Env:
+    cluster: LocalCluster
+    ns: str
+    base_dir: Path
+
+    def ad_path(self, name: str) -> str:
+        return f"{GROUP_PATH}/{self.ns}/adapterdeployments/{name}"
+
+    def status(self, name: str) -> Obj:
+        status: Obj = self.cluster.kube.get(self.ad_path(name)).get("status") or {}
+        return status
+
+    def adapters(self, name: str) -> dict[str, Obj]:
+        return {a["name"]: a for a in self.status(name).get("adapters") or []}
+
+    def pods(self, name: str) -> list[Obj]:
+        items: list[Obj] = self.cluster.kube.get(
+            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=f"kubelora.io/adapterdeployment={name}")["items"]
+        return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+    def wait_adapters(self, name: str, expected: dict[str, str], timeout: float = READY_TIMEOUT) -> dict[str, Obj]:
+        """Wait until status.adapters has exactly these names in these states."""
+        def check() -> dict[str, Obj] | None:
+            adapters = self.adapters(name)
+            return adapters if {n: a["state"] for n, a in adapters.items()} == expected else None
+
+        result: dict[str, Obj] = self.cluster.wait_for(
+            check, timeout=timeout, what=f"{name} adapters {expected} (last: {self._summary(name)})")
+        return result
+
+    def wait_phase(self, name: str, phase: str, timeout: float = READY_TIMEOUT) -> Obj:
+        status: Obj = self.cluster.wait_for(
+            lambda: (s if (s := self.status(name)).get("phase") == phase else None), timeout=timeout,
+            what=f"{name} phase {phase} (last: {self._summary(name)})")
+        return status
+
+    def _summary(self, name: str) -> str:
+        try:
+            s = self.status(name)
+        except Exception as exc:
+            return repr(exc)
+        states = [(a["name"], a["state"], a.get("reason")) for a in s.get("adapters") or []]
+        return f"phase={s.get('phase')} adapters={states}"
+
+    def ready_pods(self, name: str) -> list[Obj]:
+        return [p for p in self.pods(name) if p["status"].get("phase") == "Running" and any(
+            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])]
+
+    def ready_pod(self, name: str) -> Obj:
+        """Wait for exactly one pod of ``name`` (all tests run one replica) to be Ready."""
+        pod: Obj = self.cluster.wait_for(lambda: (p[0] if len(p := self.ready_pods(name)) == 1 and len(
+            self.pods(name)) == 1 else None), timeout=READY_TIMEOUT, what=f"one Ready pod of {name}")
+        return pod
+
+
+def chat(pod: Obj, model: str) -> httpx.Response:
+    return httpx.post(f"http://{pod['status']['podIP']}:8000/v1/chat/completions", timeout=120, json={
+        "model": model, "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "What colour is the sky?"}]})
+
+
+def served_models(pod: Obj) -> set[str]:
+    resp = httpx.get(f"http://{pod['status']['podIP']}:8000/v1/models", timeout=30)
+    resp.raise_for_status()
+    return {m["id"] for m in resp.json()["data"]}
+
+
+def restarts(pod: Obj) -> int:
+    return sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses") or [])
+
+
+def adapter_deployment(name: str, adapters: list[Obj], replicas: int = 1) -> Obj:
+    return {
+        "apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": name},
+        "spec": {"baseModel": {"uri": BASE_URI, "servedName": SERVED}, "engine": "cpu", "replicas": replicas,
+                 "resources": {"gpus": 0}, "vllm": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8},
+                 "adapters": adapters},
+    }
+
+
+def make_uri_adapter(env: Env, name: str, seed: int, base_model: str = BASE_URI) -> str:
+    from kubelora_server.testing import make_adapter
+
+    make_adapter(env.base_dir, env.cluster.pvc_dir(env.ns, "adapters") / name, rank=8, seed=seed,
+                 base_model=base_model, scale=20.0)
+    return f"pvc://adapters/{name}"
+
+
+def corrupt_copy(env: Env, source: str, name: str) -> str:
+    root = env.cluster.pvc_dir(env.ns, "adapters")
+    shutil.copytree(root / source, root / name)
+    weights = root / name / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return f"pvc://adapters/{name}"
+
+
+def publish_lorajob(env: Env, name: str) -> Obj:
+    """A LoRAJob whose status.adapter the AdapterDeployment resolves; trained for real unless faked."""
+    kube = env.cluster.kube
+    write_chat_dataset(env.cluster.pvc_dir(env.ns, "data") / "chat.jsonl", n=32)
+    body = {
+        "apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name},
+        "spec": {"baseModel": {"uri": BASE_URI}, "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
+                 "method": "lora", "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
+                 "training": {"maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 5e-3,
+                              "maxSeqLength": 128, "optimizer": "adamw_torch", "gradientCheckpointing": False,
+                              "evalSteps": 2, "saveSteps": 2},
+                 "resources": {"gpus": 0}, "output": {"uri": f"pvc://adapters/{name}"},
+                 "suspend": FAKE_LORAJOB},
+    }
+    kube.create(f"{GROUP_PATH}/{env.ns}/lorajobs", body)
+    path = f"{GROUP_PATH}/{env.ns}/lorajobs/{name}"
+    if FAKE_LORAJOB:
+        from kubelora_server.testing import make_adapter
+
+        adapter_dir = env.cluster.pvc_dir(env.ns, "adapters") / name / "rev-1"
+        make_adapter(env.base_dir, adapter_dir, rank=8, seed=7, base_model=BASE_URI, scale=20.0)
+        info = json.loads((adapter_dir / "kubelora-manifest.json").read_text())
+        kube.merge_patch(f"{path}/status", {"status": {"phase": "Succeeded", "adapter": {
+            "uri": f"pvc://adapters/{name}/rev-1", "digest": info["digest"], "sizeBytes": info["sizeBytes"],
+            "rank": info["rank"], "baseModel": BASE_URI, "peftType": "LORA"}}})
+    job: Obj = env.cluster.wait_for(
+        lambda: (j if (j := kube.get(path)).get("status", {}).get("adapter") else None), timeout=READY_TIMEOUT,
+        what=f"LoRAJob {name} to publish its adapter")
+    return job
+
+
+@pytest.fixture
+def env(cluster: LocalCluster, namespace: str, operator: Any, tmp_path: Path) -> Iterator[Env]:
+    """A namespace with the tiny base model on PVC ``models`` and the operator running."""
+    base_dir = build_tiny_model(cluster.pvc_dir(namespace, "models") / "tiny")
+    yield Env(cluster, namespace, base_dir)
+
+
+def test_serves_lorajob_and_uri_adapters_and_changes_them_without_restarts(env: Env) -> None:
+    publish_lorajob(env, "support-bot")
+    legal = make_uri_adapter(env, "legal", seed=2)
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("chat", [
+        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "legal", "uri": legal}]))
+
+    status = env.wait_phase("chat", "Ready")
+    assert status["adaptersReady"] == "2/2"
+    assert status["endpoint"] == f"http://chat.{env.ns}.svc:8000/v1"
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Ready": "True", "Progressing": "False", "Degraded": "False"}
+    pod = env.ready_pod("chat")
+    for model in (SERVED, "support", "legal"):
+        resp = chat(pod, model)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == model
+    uid, before = pod["metadata"]["uid"], restarts(pod)
+    template_hash = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")[
+        "spec"]["template"]["metadata"]["annotations"]["kubelora.io/template-hash"]
+
+    # A third adapter is loaded at runtime: same pod, no restart, same template.
+    sales = make_uri_adapter(env, "sales", seed=3)
+    env.cluster.kube.merge_patch(env.ad_path("chat"), {"spec": {"adapters": [
+        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "legal", "uri": legal},
+        {"name": "sales", "uri": sales}]}})
+    env.wait_adapters("chat", {"support": "Loaded", "legal": "Loaded", "sales": "Loaded"})
+    assert chat(pod, "sales").status_code == 200
+    # Removing one unloads it; the others keep answering.
+    env.cluster.kube.merge_patch(env.ad_path("chat"), {"spec": {"adapters": [
+        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "sales", "uri": sales}]}})
+    env.wait_adapters("chat", {"support": "Loaded", "sales": "Loaded"})
+    env.cluster.wait_for(lambda: "legal" not in served_models(pod), timeout=60, what="legal unloaded")
+    assert chat(pod, "legal").status_code == 404
+    assert chat(pod, "support").status_code == 200
+
+    [after] = env.pods("chat")
+    assert (after["metadata"]["uid"], restarts(after)) == (uid, before)
+    assert env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")[
+        "spec"]["template"]["metadata"]["annotations"]["kubelora.io/template-hash"] == template_hash
+    assert env.wait_phase("chat", "Ready")["adaptersReady"] == "2/2"
+
+
+def test_bad_adapters_fail_alone(env: Env) -> None:
+    good = make_uri_adapter(env, "good", seed=4)
+    corrupt = corrupt_copy(env, "good", "corrupt")
+    foreign = make_uri_adapter(env, "foreign", seed=5, base_model="hf://someone/another-model")
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("mixed", [
+        {"name": "good", "uri": good}, {"name": "corrupt", "uri": corrupt}, {"name": "foreign", "uri": foreign},
+        {"name": "orphan", "loraJobRef": {"name": "no-such-job"}}]))
+
+    adapters = env.wait_adapters("mixed", {"good": "Loaded", "corrupt": "Failed", "foreign": "Failed",
+                                           "orphan": "Failed"})
+    assert adapters["corrupt"]["reason"] in ("DigestMismatch", "ManifestInvalid")
+    assert adapters["foreign"]["reason"] == "BaseModelMismatch"
+    assert adapters["orphan"]["reason"] == "LoRAJobNotFound"
+    status = env.wait_phase("mixed", "Degraded")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Degraded"]["reason"] == "AdaptersFailed"
+    assert conditions["Ready"]["status"] == "True"  # every valid adapter is served
+    pod = env.ready_pod("mixed")
+    assert chat(pod, "good").status_code == 200
+    assert chat(pod, SERVED).status_code == 200
+    assert chat(pod, "corrupt").status_code == 404
+
+
+def test_replacement_pod_loads_every_adapter(env: Env) -> None:
+    one, two = make_uri_adapter(env, "one", seed=6), make_uri_adapter(env, "two", seed=8)
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("resilient", [
+        {"name": "one", "uri": one}, {"name": "two", "uri": two}]))
+    env.wait_phase("resilient", "Ready")
+    old = env.ready_pod("resilient")
+    env.cluster.kube.delete(f"/api/v1/namespaces/{env.ns}/pods/{old['metadata']['name']}")
+
+    def replacement() -> Obj | None:
+        pods = env.ready_pods("resilient")
+        return pods[0] if len(pods) == 1 and pods[0]["metadata"]["uid"] != old["metadata"]["uid"] else None
+
+    new: Obj = env.cluster.wait_for(replacement, timeout=READY_TIMEOUT, what="a Ready replacement pod")
+    adapters = env.wait_adapters("resilient", {"one": "Loaded", "two": "Loaded"})
+    assert all(a["loadedReplicas"] == 1 for a in adapters.values())
+    assert {"one", "two", SERVED} <= served_models(new)
+    for model in ("one", "two"):
+        assert chat(new, model).status_code == 200
+    assert env.wait_phase("resilient", "Ready")["readyReplicas"] == 1
