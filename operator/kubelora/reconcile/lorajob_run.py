@@ -62,6 +62,11 @@ def clip(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
 
 
+def preflight_message(vname: str) -> str:
+    """The same words when the Job is created and while it runs: no status write in between."""
+    return f"pre-flight Job {vname} is checking the dataset and the base model"
+
+
 def _detail(pod: PodState | None, result: TrainerResult | None) -> str:
     """The best human explanation of a failed pod: the trainer's message, its log tail, or the exit code."""
     if result is not None and result.message:
@@ -109,7 +114,7 @@ def _validation(run: RunInput) -> Verdict | Outcome | list[Action]:
             v = result.validation
             message = f"{VALIDATION_PASSED_MESSAGE}: {v.train_rows} train rows, {v.eval_rows} eval rows ({v.format})"
         return Verdict("True", Reason.VALIDATION_PASSED, message)
-    return Verdict("Unknown", Reason.VALIDATING, f"pre-flight Job {vname} is running")
+    return Verdict("Unknown", Reason.VALIDATING, preflight_message(vname))
 
 
 def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
@@ -199,10 +204,9 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
         # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
         actions.append(Create(trainer_config_map(run.body, run.revision, run.spec)))
     actions.append(Create(training_job(run.body, run.spec, run.revision, generation, run.settings)))
-    resumed = " (resuming from the newest checkpoint)" if run.status.job_name else ""
     updates = {"job_name": name, "attempts": 0, "start_time": run.status.start_time or run.now,
                "completion_time": None}
-    message = f"training Job {name} created{resumed}; waiting for its pod to start"
+    message = f"training Job {name} created; waiting for its pod to start"  # as _running says: no rewrite
     return RunStep(Outcome(JobPhase.RUNNING, Reason.JOB_CREATED, message, verdict), updates, actions)
 
 
@@ -222,7 +226,7 @@ def advance(run: RunInput) -> RunStep:
     if isinstance(checked, Outcome):
         return RunStep(checked, {"validation_job_name": vname, "completion_time": run.now})
     if isinstance(checked, list):
-        message = f"pre-flight Job {vname} created" if checked else "waiting for a valid spec to start pre-flight"
+        message = preflight_message(vname) if checked else "waiting for a valid spec to start pre-flight"
         verdict = Verdict("Unknown", Reason.VALIDATING, message)
         phase, reason = ((JobPhase.SUSPENDED, Reason.SUSPENDED) if run.suspend
                          else (JobPhase.VALIDATING, Reason.VALIDATING))

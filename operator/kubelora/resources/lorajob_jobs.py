@@ -21,6 +21,7 @@ from typing import Any
 from kubelora.api.common import Resources
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TRAINER_CONFIG_PATH
+from kubelora.api.uris import FileURI, PvcURI, parse_uri
 from kubelora.resources.lorajob_names import (
     CONTAINER_NAME,
     NAME_ANNOTATION,
@@ -86,14 +87,17 @@ def _volumes(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, gpus: in
 
 
 def _credentials(spec: LoRAJobSpec) -> list[Manifest]:
-    """Secret keys as env (values never appear here); the first URI that names a key wins."""
-    return merge_env(
-        credential_env(spec.base_model.uri, spec.base_model.credentials_secret_ref),
-        credential_env(spec.dataset.uri, spec.dataset.credentials_secret_ref),
-        *([credential_env(spec.dataset.eval_uri, spec.dataset.credentials_secret_ref)]
-          if spec.dataset.eval_uri else []),
-        credential_env(spec.output.uri, spec.output.credentials_secret_ref),
-    )
+    """Secret keys as env (values never appear here); the first URI that names a key wins.
+
+    pvc:// and file:// need no credentials, so a Secret named beside them adds nothing (it would
+    otherwise shadow the AWS_* keys of an s3:// URI listed later).
+    """
+    pairs = [(spec.base_model.uri, spec.base_model.credentials_secret_ref),
+             (spec.dataset.uri, spec.dataset.credentials_secret_ref),
+             (spec.dataset.eval_uri, spec.dataset.credentials_secret_ref),
+             (spec.output.uri, spec.output.credentials_secret_ref)]
+    return merge_env(*(credential_env(uri, secret) for uri, secret in pairs
+                       if uri and not isinstance(parse_uri(uri), PvcURI | FileURI)))
 
 
 def _pod_template(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, settings: Settings, *,
