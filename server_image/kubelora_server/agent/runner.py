@@ -81,6 +81,7 @@ class Agent:
         self.last_step = 0.0
         self._wake = asyncio.Event()
         self._fetches: dict[str, asyncio.Task[None]] = {}
+        self._engine_was_healthy = False
 
     # ---- what the HTTP endpoints read -------------------------------------------------------------------
 
@@ -137,9 +138,10 @@ class Agent:
                 log.info("engine models unavailable: %s", exc)
         previous = self.engine_view
         if previous is not None and previous.healthy != view.healthy:
-            log.warning("engine is %s", "healthy again" if view.healthy else "not healthy")
-            if view.healthy:
+            log.warning("engine is %s", "healthy" if view.healthy else "not healthy")
+            if view.healthy and self._engine_was_healthy:
                 self.metrics.engine_restarts.inc()
+        self._engine_was_healthy = self._engine_was_healthy or view.healthy
         self.metrics.engine_healthy.set(1 if view.healthy else 0)
         return view
 
