@@ -39,8 +39,10 @@ _FACTS = [
     ("What is the opposite of hot?", "The opposite of hot is cold."),
     ("Which planet do we live on?", "We live on the planet Earth."),
 ]
-_FILLER = ("please answer briefly and clearly because this is a small test of the trainer "
-           "with a few more words to make the prompt longer").split()
+_FILLER = [
+    "please", "answer", "briefly", "and", "clearly", "because", "this", "is", "a", "small", "test", "of",
+    "the", "trainer", "with", "a", "few", "more", "words", "to", "make", "the", "prompt", "longer",
+]
 _SYSTEM = "You are a helpful assistant."
 
 

@@ -10,6 +10,7 @@ says so loudly: it never silently starts from zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
@@ -138,7 +139,5 @@ class RemoteCheckpoints:
         local = {c.step for c in list_checkpoints(self.local_root)}
         for step in self._remote_steps():
             if step not in local:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self.loc.fs.rm(self.loc.child(f"{self.rel}/checkpoint-{step}"), recursive=True)
-                except FileNotFoundError:
-                    pass

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kubelora.api.lorajob import LoraSpec, LoRAJobSpec, QuantizationSpec, TrainingSpec
+from kubelora.api.lorajob import LoRAJobSpec, LoraSpec, QuantizationSpec, TrainingSpec
 
 CPU_BATCHING_ENV = "KUBELORA_CPU_BATCHING"
 """Override of the CPU batching strategy ("grouped", "padding_free" or "padded"); for benchmarks."""

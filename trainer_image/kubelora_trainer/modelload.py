@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubelora.api.uris import FileURI, HfURI, HttpsURI, PvcURI, S3URI, parse_uri
+from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, parse_uri
 
 from kubelora_trainer.errors import BaseModelUnavailableError
 from kubelora_trainer.mapping import Device, Precision

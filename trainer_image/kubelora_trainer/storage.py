@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubelora.api.uris import ArtifactURI, FileURI, HttpsURI, PvcURI, S3URI, parse_uri
+from kubelora.api.uris import S3URI, ArtifactURI, FileURI, HttpsURI, PvcURI, parse_uri
 
 log = logging.getLogger(__name__)
 
