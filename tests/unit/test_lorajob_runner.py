@@ -1,0 +1,209 @@
+"""The handler-side runner against a fake API server: idempotent creates, 404s, status writes, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import pytest
+from kubelora.handlers.lorajob_client import ApiError, path
+from kubelora.handlers.lorajob_runner import Reconciler
+from kubelora.reconcile.lorajob_observed import Observed, job_state
+from kubelora.settings import Settings
+
+SPEC = {"baseModel": {"uri": "pvc://models/tiny"}, "dataset": {"uri": "pvc://data/train.jsonl"},
+        "output": {"uri": "pvc://adapters/bot"}, "method": "lora", "resources": {"gpus": 0}}
+LJ = path("kubelora.io/v1alpha1", "LoRAJob", "ml", "bot")
+
+
+def merge(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class FakeApi:
+    """Objects by path; POST of an existing path is 409, GET/DELETE of a missing one 404."""
+
+    def __init__(self, objects: dict[str, dict[str, Any]]) -> None:
+        self.objects = objects
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[tuple[str, str], int] = {}
+        self.gate: asyncio.Event | None = None
+
+    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                      params: Mapping[str, str] | None = None,
+                      content_type: str = "application/json") -> dict[str, Any]:
+        self.calls.append((method, path))
+        if self.gate is not None:
+            await self.gate.wait()
+        if (method, path) in self.fail:
+            raise ApiError(self.fail[(method, path)], "injected")
+        if method == "POST":
+            assert body is not None
+            target = f"{path}/{body['metadata']['name']}"
+            if target in self.objects:
+                raise ApiError(409, "AlreadyExists")
+            self.objects[target] = body
+            return body
+        if method == "GET" and params:
+            return {"items": []}
+        target = path.removesuffix("/status")
+        if target not in self.objects:
+            raise ApiError(404, "NotFound")
+        if method == "DELETE":
+            self.objects[target].setdefault("metadata", {})["deletionTimestamp"] = "now"
+            return {}
+        if method == "PATCH":
+            assert body is not None and content_type == "application/merge-patch+json"
+            self.objects[target] = merge(self.objects[target], body)
+        return copy.deepcopy(self.objects[target])
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [c for c in self.calls if c[0] != "GET"]
+
+
+def lorajob(**status: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "spec": SPEC,
+                            "metadata": {"name": "bot", "namespace": "ml", "uid": "u1", "generation": 1}}
+    if status:
+        body["status"] = status
+    return body
+
+
+def nothing(_: str) -> Observed:
+    return Observed()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_first_reconcile_creates_preflight_and_writes_status_once() -> None:
+    api = FakeApi({LJ: lorajob()})
+    rec = Reconciler(api, Settings())
+    run(rec.run(("ml", "bot"), nothing))
+    assert api.writes() == [
+        ("POST", "/api/v1/namespaces/ml/configmaps"),
+        ("POST", "/apis/batch/v1/namespaces/ml/jobs"),
+        ("PATCH", LJ + "/status"),
+    ]
+    assert api.objects[LJ]["status"]["phase"] == "Validating"
+    observed = Observed(jobs=(job_state(api.objects["/apis/batch/v1/namespaces/ml/jobs/bot-validate-1"]),))
+    api.calls.clear()
+    run(rec.run(("ml", "bot"), lambda _: observed))
+    assert api.writes() == [], "a second reconcile with the same facts must not write"
+
+
+def test_existing_children_are_fine() -> None:
+    """A restarted operator that lost the status patch re-creates: 409 is success, no duplicate."""
+    api = FakeApi({LJ: lorajob(), "/api/v1/namespaces/ml/configmaps/bot-trainer-1": {},
+                   "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1": {}})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    assert api.objects[LJ]["status"]["validationJobName"] == "bot-validate-1"
+    assert sum(1 for m, p in api.calls if m == "POST") == 2
+
+
+def test_index_lag_is_filled_by_a_direct_read() -> None:
+    """Status names a Job the index has not seen yet: read it instead of declaring it vanished."""
+    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
+                                                             "kubelora.io/revision": "1"}}, "status": {"active": 1}}
+    status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "validationJobName": "bot-validate-1",
+              "observedGeneration": 1}
+    api = FakeApi({LJ: lorajob(**status), "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    assert api.objects[LJ]["status"]["phase"] == "Running"
+    assert ("GET", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
+
+
+def test_finished_job_without_pod_status_lists_its_pods() -> None:
+    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
+                                                             "kubelora.io/revision": "1"}},
+             "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "observedGeneration": 1}
+    api = FakeApi({LJ: lorajob(**status)})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
+    assert ("GET", "/api/v1/namespaces/ml/pods") in api.calls
+
+
+def test_deleted_lorajob_is_ignored() -> None:
+    api = FakeApi({})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    assert api.writes() == []
+
+
+def test_lorajob_deleted_between_read_and_status_patch() -> None:
+    api = FakeApi({LJ: lorajob()})
+    api.fail[("PATCH", LJ + "/status")] = 404
+    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))  # no exception: GC is under way
+
+
+def test_terminating_lorajob_is_left_to_garbage_collection() -> None:
+    body = lorajob()
+    body["metadata"]["deletionTimestamp"] = "now"
+    api = FakeApi({LJ: body})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    assert api.writes() == []
+
+
+def test_api_errors_become_kopf_retries() -> None:
+    api = FakeApi({LJ: lorajob()})
+    api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")] = 403
+    with pytest.raises(kopf.TemporaryError) as err:
+        run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    assert err.value.delay == 30.0
+    assert "status" not in api.objects[LJ], "status is written only after the children exist"
+
+
+def test_suspend_deletes_in_the_foreground() -> None:
+    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
+                                                             "kubelora.io/revision": "1"}}, "status": {"active": 1}}
+    body = lorajob(phase="Running", revision=1, jobName="bot-train-1", observedGeneration=1)
+    body["spec"] = {**SPEC, "suspend": True}
+    body["metadata"]["generation"] = 2
+    api = FakeApi({LJ: body, "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
+    run(Reconciler(api, Settings()).run(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
+    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
+    assert api.objects[LJ]["status"]["phase"] == "Suspended"
+
+
+def test_child_events_are_coalesced() -> None:
+    async def scenario() -> FakeApi:
+        api = FakeApi({LJ: lorajob()})
+        api.gate = asyncio.Event()
+        rec = Reconciler(api, Settings())
+        first = asyncio.create_task(rec.kick(("ml", "bot"), nothing))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(rec.kick(("ml", "bot"), nothing)) for _ in range(10)]
+        await asyncio.sleep(0)
+        api.gate.set()
+        await asyncio.gather(first, *waiting)
+        return api
+
+    api = run(scenario())
+    gets = [c for c in api.calls if c == ("GET", LJ)]
+    assert len(gets) == 2, "one running reconcile plus one that covers all events that came meanwhile"
+
+
+def test_failed_child_event_reconcile_is_retried() -> None:
+    async def scenario() -> FakeApi:
+        api = FakeApi({LJ: lorajob()})
+        api.fail[("GET", LJ)] = 500
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        assert len(rec._tasks) == 1
+        del api.fail[("GET", LJ)]
+        await asyncio.gather(*rec._tasks)
+        return api
+
+    api = run(scenario())
+    assert api.objects[LJ]["status"]["phase"] == "Validating"
