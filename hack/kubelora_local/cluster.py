@@ -116,36 +116,10 @@ def _crd_documents(crd_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     return docs
 
 
-def _strip_empty_string_defaults(node: Any, path: str = "") -> list[str]:
-    """Remove `default: ""` from a schema; returns the paths it was removed from.
-
-    kube-apiserver 1.20.2 wrongly reads an empty-string default as null and rejects the whole CRD
-    ("default: Invalid value: "null": in body must be of type string"); newer servers accept it.
-    For a string field, no default and "" differ only in whether the key is stored.
-    """
-    removed = []
-    if isinstance(node, dict):
-        if node.get("type") == "string" and node.get("default") == "":
-            del node["default"]
-            removed.append(path or ".")
-        for key, value in node.items():
-            removed += _strip_empty_string_defaults(value, f"{path}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            removed += _strip_empty_string_defaults(value, f"{path}[{i}]")
-    return removed
-
-
 def apply_crds(kube: Kube, crd_dir: Path, timeout: float = 30.0) -> list[str]:
     """Create (or replace) every CRD found in `crd_dir` and wait until each is Established."""
     names = []
     for file, doc in _crd_documents(crd_dir):
-        stripped = _strip_empty_string_defaults(doc.get("spec", {}).get("versions"))
-        if stripped:
-            print(
-                f'kubelora-local: {file.name}: dropped {len(stripped)} `default: ""` (1.20 rejects them)',
-                file=sys.stderr,
-            )
         version = doc.get("apiVersion", "apiextensions.k8s.io/v1")
         base = f"/apis/{version}/customresourcedefinitions"
         name = doc["metadata"]["name"]
