@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test test-unit test-integration test-e2e lint generate demo demo-down cluster-up cluster-down bench clean
+.PHONY: cluster-build venv test test-unit test-integration test-e2e lint generate demo demo-down cluster-up cluster-down bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,7 @@ generate: $(STAMP)
 
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # kube-apiserver that is built from source once and cached in ~/.cache/kubelora).
-test: lint
+test: lint cluster-build
 	$(BIN)/python -m pytest tests -q -rfEs --durations=15
 
 test-unit: $(STAMP)
@@ -39,8 +39,12 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration -q
 
-test-e2e: $(STAMP)
+test-e2e: cluster-build
 	$(BIN)/python -m pytest tests/e2e -q -rfEs
+
+# kube-apiserver + kube-controller-manager v1.20.2 from Debian's source package: ~7 min once, then cached.
+cluster-build: $(STAMP)
+	$(BIN)/kubelora-local build
 
 cluster-up: $(STAMP)
 	$(BIN)/kubelora-local up
