@@ -90,10 +90,6 @@ def _setup_logging() -> None:
 
 
 def _quiet_libraries() -> None:
-    import warnings
-
-    # peft still asks for the pre-v5 name; the warning says nothing a user can act on.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         import datasets
         import transformers

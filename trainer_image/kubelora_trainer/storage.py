@@ -71,6 +71,7 @@ def locate(uri: str | ArtifactURI) -> Location:
         return Location(parsed, fsspec.filesystem("file"), parsed.local_path())
     if isinstance(parsed, S3URI):
         fs = fsspec.filesystem("s3", **s3_options())
+        fs.invalidate_cache()  # fsspec reuses instances: never trust a listing cached by an earlier step
         return Location(parsed, fs, f"{parsed.bucket}/{parsed.key}".rstrip("/"))
     if isinstance(parsed, HttpsURI):
         return Location(parsed, fsspec.filesystem("https"), parsed.url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,9 @@ def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: 
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
+
+    # peft/trl still read the pre-v5 name; the warning says nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     has_eval = bool(splits.eval)
     kwargs = mapping.sft_kwargs(run.spec, output_dir=output_dir, device=device, data_format=splits.format,
