@@ -107,7 +107,7 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    with pytest.raises(DigestMismatchError, match="adapter_model.safetensors: sha256"):
+    with pytest.raises(DigestMismatchError, match=r"adapter_model\.safetensors: sha256"):
         verify_adapter_dir(rev)
 
 
