@@ -66,7 +66,7 @@ def make_adapter(base_dir: Path, dest: Path, *, rank: int = 8, seed: int = 1, ba
             if "lora_B" in name:
                 param.mul_(scale)
     dest.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(dest)
+    peft_model.save_pretrained(str(dest))
     base = base_model or str(base_dir)
     config_file = dest / "adapter_config.json"
     config = json.loads(config_file.read_text())

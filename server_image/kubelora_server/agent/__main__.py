@@ -67,7 +67,8 @@ def make_source(args: argparse.Namespace) -> DesiredSource:
 async def serve(args: argparse.Namespace) -> None:
     engine = EngineClient(args.engine_url, load_timeout=args.load_timeout)
     policy = Policy(max_fetch_attempts=args.max_fetch_attempts, max_load_attempts=args.max_load_attempts)
-    agent = Agent(make_source(args), engine, args.cache_dir, pod=args.pod_name, policy=policy,
+    # the engine is told absolute paths: it may run in another working directory (or container)
+    agent = Agent(make_source(args), engine, args.cache_dir.absolute(), pod=args.pod_name, policy=policy,
                   resync_interval=args.resync_interval, reload_inplace=args.reload_inplace)
     config = uvicorn.Config(create_app(agent), host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="off")

@@ -217,7 +217,7 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
         check_common(req)
         raw: list[str | list[int]]
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-            raw = [[int(t) for t in req.prompt]]  # type: ignore[union-attr]
+            raw = [[int(t) for t in req.prompt]]
         elif isinstance(req.prompt, list):
             raw = [str(p) for p in req.prompt]
         else:

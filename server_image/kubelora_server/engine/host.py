@@ -75,8 +75,8 @@ class ModelHost:
         self.args = args
         path, revision = resolve_model_path(args.model)
         started = time.monotonic()
-        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or path, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=_DTYPES[args.dtype])
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(args.tokenizer or path, revision=revision)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=_DTYPES[args.dtype])
         model.eval()
         self._base: Any = model
         self._peft: Any = None
@@ -208,9 +208,9 @@ class ModelHost:
         if not getattr(self.tokenizer, "chat_template", None):
             raise EngineError(400, "BadRequestError", "The model's tokenizer has no chat template; "
                               "use /v1/completions.")
-        encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                     tokenize=True)
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        encoded: Any = self.tokenizer.apply_chat_template(list(messages),
+                                                          add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids: Any = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return [int(i) for i in ids]
