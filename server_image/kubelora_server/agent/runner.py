@@ -138,7 +138,8 @@ class Agent:
                 log.info("engine models unavailable: %s", exc)
         previous = self.engine_view
         if previous is not None and previous.healthy != view.healthy:
-            log.warning("engine is %s", "healthy" if view.healthy else "not healthy")
+            log.log(logging.INFO if view.healthy else logging.WARNING, "engine is %s",
+                    "healthy" if view.healthy else "not healthy")
             if view.healthy and self._engine_was_healthy:
                 self.metrics.engine_restarts.inc()
         self._engine_was_healthy = self._engine_was_healthy or view.healthy

@@ -90,6 +90,8 @@ class ModelHost:
         self._lock = threading.Lock()
         self._adapters: dict[str, Adapter] = {}
         self._ids = itertools.count(1)
+        if args.enable_lora:
+            import peft  # noqa: F401 - seconds of imports paid before /health answers, not on the first load
         log.info("loaded %s (%s) in %.1fs; max_model_len %d", args.model, path, time.monotonic() - started,
                  self.max_model_len)
 
