@@ -70,6 +70,7 @@ def test_cli_accepts_vllm_flags_and_ignores_unknown_ones() -> None:
     assert args.max_lora_rank == 64 and args.max_model_len == 512
     assert args.lora_modules == {"a": "/x/a", "b": "/x/b"}
     assert args.ignored == ("--gpu-memory-utilization", "0.9")
+    assert parse_args(["--model", "org/m", "--revision", "v2"]).revision == "v2"
     defaults = parse_args(["--model", "/m"])
     assert (defaults.served_model_name, defaults.max_loras, defaults.max_cpu_loras,
             defaults.max_lora_rank) == ("/m", 1, 1, 16)

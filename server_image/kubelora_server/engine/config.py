@@ -31,6 +31,7 @@ class EngineArgs:
     dtype: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
+    revision: str | None = None
     ignored: tuple[str, ...] = ()
 
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) clients use for the base model; the first is reported (default: --model)")
     p.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    p.add_argument("--revision", default=None, help="hub revision of a hub model id (like vLLM's)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--enable-lora", action="store_true", help="allow LoRA adapters")
@@ -88,5 +90,5 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineArgs:
         model=model, served_model_name=served, host=ns.host, port=ns.port, enable_lora=ns.enable_lora,
         max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=max_cpu,
         max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules), dtype=ns.dtype, seed=ns.seed,
-        tokenizer=ns.tokenizer, ignored=tuple(unknown),
+        tokenizer=ns.tokenizer, revision=ns.revision, ignored=tuple(unknown),
     )

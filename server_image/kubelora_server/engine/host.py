@@ -74,6 +74,7 @@ class ModelHost:
 
         self.args = args
         path, revision = resolve_model_path(args.model)
+        revision = revision or args.revision
         started = time.monotonic()
         self.tokenizer: Any = AutoTokenizer.from_pretrained(args.tokenizer or path, revision=revision)
         model: Any = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=_DTYPES[args.dtype])
