@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -192,3 +193,14 @@ def test_views_from_objects() -> None:
     assert (pod.ip, pod.ready, pod.restarts, pod.pollable) == ("127.0.0.5", True, 3, True)
     assert not pod_view({"metadata": {"name": "p", "deletionTimestamp": "x"}, "status": {"phase": "Running",
                                                                                          "podIP": "1"}}).pollable
+
+
+def test_server_defaults_and_empty_strings_are_not_changes() -> None:
+    """A server that fills ``message: ""`` defaults must not make every poll a write; "" is never sent."""
+    new = aggregate_status(observed(), None, T0)
+    stored = new.wire()
+    for cond in stored["conditions"]:
+        cond.setdefault("message", "")
+    assert status_patch(stored, new) is None
+    patch = status_patch(None, new)
+    assert patch is not None and '""' not in json.dumps(patch)

@@ -3,8 +3,10 @@
 Flow: create/update/resume -> resolve adapters (LoRAJob index) -> build children (pure) -> server-side apply.
 A timer per object, every ``adapter_poll_seconds``, resolves again (so a LoRAJob that publishes a new
 adapter rolls it forward through the ConfigMap), applies only children that changed, asks each serving
-pod's agent for its adapters and patches ``status`` only when the aggregate differs. Pods, Deployments and
-LoRAJobs come from kopf indexes (watch streams held in memory), so a steady state costs no API calls.
+pod's agent for its adapters and patches ``status`` only when the aggregate differs (itself, not through
+kopf's ``patch``, so that a refused write is retried on the next tick instead of ending the timer).
+Pods, Deployments and LoRAJobs come from kopf indexes (watch streams held in memory), so a steady state
+costs no API calls.
 """
 
 from __future__ import annotations
@@ -105,18 +107,25 @@ def _previous(body: Mapping[str, Any]) -> AdapterDeploymentStatus | None:
         return None
 
 
-def _write_status(body: kopf.Body, patch: kopf.Patch, new: AdapterDeploymentStatus, logger: kopf.Logger) -> None:
+def _status_diff(body: kopf.Body, new: AdapterDeploymentStatus, logger: kopf.Logger) -> dict[str, Any] | None:
+    """The status patch to send (None: nothing changed); announces phase changes as Events."""
     diff = status_patch(body.get("status"), new)
-    if diff is None:
-        return
-    patch.setdefault("status", {}).update(diff)
     before = (body.get("status") or {}).get("phase")
-    if before != new.phase:
+    if diff is not None and before != new.phase:
         level = kopf.warn if new.phase in (DeploymentPhase.DEGRADED, DeploymentPhase.FAILED) else kopf.info
-        conditions = {c.type: c for c in new.conditions}
-        detail = next((c.message for c in conditions.values() if c.status == "True" and c.type == "Degraded"), "")
-        level(body, reason=f"Phase{new.phase}", message=detail or f"phase {before or 'none'} -> {new.phase}")
+        degraded = next((c.message for c in new.conditions if c.type == "Degraded" and c.status == "True"), "")
+        level(body, reason=f"Phase{new.phase}", message=degraded or f"phase {before or 'none'} -> {new.phase}")
         logger.info("phase %s -> %s", before, new.phase)
+    return diff
+
+
+def _send_status(body: kopf.Body, diff: dict[str, Any], logger: kopf.Logger) -> None:
+    meta = body["metadata"]
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/adapterdeployments/{meta['name']}"
+    try:
+        APPLIER.patch_status(path, diff)
+    except ApplyError as exc:  # retried on the next tick
+        logger.warning("status not written: %s", exc)
 
 
 def _observed(body: Mapping[str, Any], spec: AdapterDeploymentSpec | None, invalid: str | None,
@@ -137,7 +146,7 @@ def _observed(body: Mapping[str, Any], spec: AdapterDeploymentSpec | None, inval
 @kopf.on.resume(*AD)
 @kopf.on.create(*AD)
 @kopf.on.update(*AD, field="spec")
-def serve(body: kopf.Body, namespace: str | None, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger,
+def serve(body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger,
           lorajob_views: kopf.Index[Key, JobView] | None = None, **_: Any) -> None:
     """Apply every child. An unservable spec ends Failed (InvalidSpec) without retries."""
     spec, invalid = parse_spec(body)
@@ -158,7 +167,9 @@ def serve(body: kopf.Body, namespace: str | None, patch: kopf.Patch, memo: kopf.
     if invalid is not None:
         kopf.warn(body, reason=Reason.INVALID_SPEC, message=invalid)
         new = aggregate_status(_observed(body, None, invalid, []), _previous(body), now_rfc3339())
-        _write_status(body, patch, new, logger)
+        diff = _status_diff(body, new, logger)
+        if diff is not None:
+            _send_status(body, diff, logger)
 
 
 async def _sync_changed(body: kopf.Body, spec: AdapterDeploymentSpec, resolved: list[ResolvedAdapter],
@@ -181,7 +192,7 @@ async def _sync_changed(body: kopf.Body, spec: AdapterDeploymentSpec, resolved: 
 
 
 @kopf.timer(*AD, interval=_poll_seconds(), id="observe")
-async def observe(body: kopf.Body, namespace: str | None, name: str, patch: kopf.Patch, memo: kopf.Memo,
+async def observe(body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo,
                   logger: kopf.Logger, lorajob_views: kopf.Index[Key, JobView] | None = None,
                   serving_pods: kopf.Index[Key, PodView] | None = None,
                   serving_deployments: kopf.Index[Key, DeploymentView] | None = None, **_: Any) -> None:
@@ -197,4 +208,6 @@ async def observe(body: kopf.Body, namespace: str | None, name: str, patch: kopf
             reports = await poll_agents(_values(serving_pods, key))
     obs = _observed(body, spec, invalid, resolved if invalid is None else [],
                     deployment=_first(serving_deployments, key), replicas=reports)
-    _write_status(body, patch, aggregate_status(obs, _previous(body), now_rfc3339()), logger)
+    diff = _status_diff(body, aggregate_status(obs, _previous(body), now_rfc3339()), logger)
+    if diff is not None:
+        await asyncio.to_thread(_send_status, body, diff, logger)

@@ -72,22 +72,34 @@ class Applier:
                 self._api = client.ApiClient()
             return self._api
 
-    def apply(self, manifest: Mapping[str, Any]) -> Manifest:
-        """PATCH application/apply-patch+yaml with force: the operator owns every field it sets."""
+    def _patch(self, path: str, body: Mapping[str, Any], content_type: str,
+               query: list[tuple[str, str]]) -> Manifest:
         from kubernetes.client.exceptions import ApiException
 
         try:
             resp = self._client().call_api(
-                object_path(manifest), "PATCH",
-                query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-                header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-                body=dict(manifest), auth_settings=["BearerToken"], _preload_content=False,
+                path, "PATCH", query_params=query,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=dict(body), auth_settings=["BearerToken"], _preload_content=False,
                 _return_http_data_only=True, _request_timeout=30)
         except ApiException as exc:
-            raise ApplyError(int(exc.status or 0), f"apply {object_path(manifest)}: HTTP {exc.status}: "
-                             f"{_message(exc.body)}") from None
+            raise ApplyError(int(exc.status or 0), f"PATCH {path}: HTTP {exc.status}: {_message(exc.body)}") from None
         data: Manifest = json.loads(resp.data or b"{}")
         return data
+
+    def apply(self, manifest: Mapping[str, Any]) -> Manifest:
+        """PATCH application/apply-patch+yaml with force: the operator owns every field it sets."""
+        return self._patch(object_path(manifest), manifest, "application/apply-patch+yaml",
+                           [("fieldManager", FIELD_MANAGER), ("force", "true")])
+
+    def patch_status(self, path: str, status: Mapping[str, Any]) -> Manifest:
+        """Merge-patch the status subresource of the object at ``path``.
+
+        Done here rather than through kopf's ``patch`` kwarg: kopf applies a timer's patch outside the
+        handler, and an API error there ends that object's timer for good instead of being retried.
+        """
+        return self._patch(f"{path}/status", {"status": dict(status)}, "application/merge-patch+json",
+                           [("fieldManager", FIELD_MANAGER)])
 
 
 def _message(body: Any) -> str:

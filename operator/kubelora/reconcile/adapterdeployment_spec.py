@@ -24,11 +24,24 @@ def parse_spec(body: Mapping[str, Any]) -> tuple[AdapterDeploymentSpec | None, s
         return None, "invalid spec: " + "; ".join(problems)
 
 
+def prune_empty(value: Any) -> Any:
+    """Drop empty strings and nulls, recursively.
+
+    Both sides of the comparison are pruned so that a server filling schema defaults (``message: ""``)
+    does not look like a change, and the patch never sends ``""`` (the local v1.20 API server decodes an
+    empty string in a custom resource as null and rejects it).
+    """
+    if isinstance(value, Mapping):
+        return {k: prune_empty(v) for k, v in value.items() if v is not None and v != ""}
+    if isinstance(value, list):
+        return [prune_empty(v) for v in value]
+    return value
+
+
 def status_patch(current: Mapping[str, Any] | None, new: AdapterDeploymentStatus) -> dict[str, Any] | None:
     """The merge patch that turns ``current`` into ``new``; None when they are equal (no write)."""
-    target: dict[str, Any] = new.wire()
-    current = dict(current or {})
-    stale = {k: None for k in current if k not in target}
-    if not stale and all(current.get(k) == v for k, v in target.items()):
+    target: dict[str, Any] = prune_empty(new.wire())
+    before: dict[str, Any] = prune_empty(dict(current or {}))
+    if before == target:
         return None
-    return {**target, **stale}
+    return {**target, **{k: None for k in before if k not in target}}
