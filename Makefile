@@ -22,7 +22,7 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy operator/kubelora
+	$(BIN)/mypy operator/kubelora server_image/kubelora_server
 	$(BIN)/kubelora-crdgen --check
 
 generate: $(STAMP)

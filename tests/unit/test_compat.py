@@ -76,3 +76,9 @@ def test_rank_limit_uses_the_largest_rank_including_rank_pattern() -> None:
     assert ok is None
     bad = check_compatible(config(r=8, rank_pattern={"q_proj": 32}), None, "pvc://models/llama", 16)
     assert bad is not None and bad.reason == Reason.RANK_TOO_LARGE and "32" in bad.message
+
+
+def test_dora_adapters_are_refused_because_vllm_cannot_serve_them() -> None:
+    bad = check_compatible(config(use_dora=True), None, "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.UNSUPPORTED_ADAPTER and "useDora: false" in bad.message
+    assert check_compatible(config(use_dora=False), None, "pvc://models/llama", 64) is None

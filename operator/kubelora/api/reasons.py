@@ -83,6 +83,8 @@ class Reason(StrEnum):
     """Adapter Failed: adapter_config.json peft_type is not LORA."""
     BASE_MODEL_MISMATCH = "BaseModelMismatch"
     """Adapter Failed: trained on another base model than the one served."""
+    UNSUPPORTED_ADAPTER = "UnsupportedAdapter"
+    """Adapter Failed: a LoRA variant vLLM cannot serve (DoRA)."""
     RANK_TOO_LARGE = "RankTooLarge"
     """Adapter Failed: rank exceeds vllm.maxLoraRank."""
     TOO_MANY_ADAPTERS = "TooManyAdapters"

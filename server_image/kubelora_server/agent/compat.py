@@ -82,6 +82,9 @@ def check_compatible(config: Mapping[str, Any], manifest: AdapterManifest | None
     if peft_type.upper() != "LORA" or (manifest is not None and manifest.peft_type.upper() != "LORA"):
         found = peft_type or "missing"
         return Incompatible(Reason.NOT_LORA, f"adapter_config.json peft_type is {found!r}; only LORA can be served")
+    if config.get("use_dora"):
+        return Incompatible(Reason.UNSUPPORTED_ADAPTER,
+                            "DoRA adapters (use_dora: true) cannot be served by vLLM; retrain with useDora: false")
     served = base_model_aliases(served_base, root)
     declared = [config.get("base_model_name_or_path"), manifest.base_model if manifest else None]
     declared_aliases: set[str] = set()
