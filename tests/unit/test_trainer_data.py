@@ -55,6 +55,17 @@ def test_json_file_holding_json_lines_is_accepted(tmp_path: Path) -> None:
     assert len(read_rows(uri)) == 2
 
 
+def test_json_object_wrapping_rows_is_explained(tmp_path: Path) -> None:
+    p = tmp_path / "wrapped.json"
+    p.write_text(json.dumps({"data": [CHAT, CHAT]}))
+    with pytest.raises(InvalidDatasetError, match=r'wrapped\.json: one JSON object that is not a row \(the rows '
+                                                   r'seem to be under "data"'):
+        load(f"file://{p}")
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(CHAT, indent=2))  # one row, pretty-printed over several lines
+    assert len(read_rows(f"file://{single}")) == 1
+
+
 def test_blank_lines_are_skipped_but_line_numbers_kept(tmp_path: Path) -> None:
     uri = write_lines(tmp_path / "x.jsonl", [json.dumps(CHAT), "", json.dumps({"messages": []})])
     with pytest.raises(InvalidDatasetError, match=r"x\.jsonl line 3: .*non-empty list"):

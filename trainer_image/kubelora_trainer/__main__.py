@@ -95,8 +95,8 @@ def _quiet_libraries() -> None:
         import transformers
 
         datasets.disable_progress_bars()
-        transformers.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_warning()  # type: ignore[no-untyped-call]
+        transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     except ImportError:
         pass
 

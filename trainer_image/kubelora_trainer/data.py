@@ -129,8 +129,7 @@ def _iter_jsonl(text: str, source: str, problems: _Problems) -> Iterator[tuple[A
         try:
             yield json.loads(line), f"line {lineno}"
         except json.JSONDecodeError as exc:
-            problems.add(f"{source} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno}). Fix: each "
-                         "line must be one complete JSON object")
+            problems.add(f"{source} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})")
 
 
 def _iter_json_array(text: str, source: str) -> Iterator[tuple[Any, str]]:
@@ -186,8 +185,21 @@ def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[
                                   f"{_FORMAT_HELP['messages']}")
     if lower.endswith(".json") and text.lstrip().startswith("["):
         yield from _iter_json_array(text, source)
-    else:  # .jsonl, .ndjson, and .json files that are really JSON Lines
-        yield from _iter_jsonl(text, source, problems)
+        return
+    if lower.endswith(".json"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # several objects: JSON Lines under a .json name, handled below
+        if isinstance(whole, dict) and detect_format(whole) is not None:
+            yield whole, "item 1 (line 1)"  # a single row, possibly pretty-printed over several lines
+            return
+        if isinstance(whole, dict):
+            lists = [k for k, v in whole.items() if isinstance(v, list)]
+            hint = f' (the rows seem to be under "{lists[0]}": make that list the whole file)' if lists else ""
+            raise InvalidDatasetError(f"{source}: one JSON object that is not a row{hint}. Fix: a .json file must "
+                                      "be a JSON array of row objects, or use JSON Lines (one row per line)")
+    yield from _iter_jsonl(text, source, problems)  # .jsonl, .ndjson, and .json files holding JSON Lines
 
 
 def read_rows(uri: str) -> list[tuple[dict[str, Any], str, str]]:
@@ -199,11 +211,11 @@ def read_rows(uri: str) -> list[tuple[dict[str, Any], str, str]]:
         source = _display(loc, path)
         for obj, where in _iter_file(loc, path, problems):
             if not isinstance(obj, dict):
-                problems.add(f"{source} {where}: expected a JSON object, got {type(obj).__name__}. Fix: wrap "
-                             f"each row as an object, e.g. {_FORMAT_HELP['text']}")
+                problems.add(f"{source} {where}: expected a JSON object, got {type(obj).__name__}")
                 continue
             rows.append((obj, source, where))
-    problems.raise_if_any()
+    problems.raise_if_any("Fix: JSON Lines files hold one complete JSON object per line (a .json file may instead "
+                          f"be one JSON array of objects), e.g. {_FORMAT_HELP['messages']}")
     if not rows:
         raise InvalidDatasetError(f"dataset {loc.display()} has no rows. Fix: add rows such as "
                                   f"{_FORMAT_HELP['messages']}")

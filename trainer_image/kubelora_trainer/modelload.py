@@ -176,7 +176,7 @@ def load_base_model(ref: ModelRef, method: str, precision: Precision, device: De
         kwargs["attn_implementation"] = "flash_attention_2" if device.flash_attention else "sdpa"
     if method == "qlora":
         assert bnb is not None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
+        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
             **{**bnb, "bnb_4bit_compute_dtype": _dtype(bnb["bnb_4bit_compute_dtype"])})
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.name_or_path, **kwargs)
@@ -187,6 +187,7 @@ def load_base_model(ref: ModelRef, method: str, precision: Precision, device: De
         from peft import prepare_model_for_kbit_training
 
         # Casts norms to fp32 and freezes the base; checkpointing is enabled later by the Trainer if asked.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=False)
     model.config.use_cache = False  # the KV cache is useless (and wasteful) while training
     return model

@@ -255,7 +255,7 @@ def make_callback(tracker: ProgressTracker, on_save: Callable[[str], None] | Non
     """A transformers TrainerCallback feeding ``tracker`` (built lazily: transformers is heavy to import)."""
     from transformers import TrainerCallback
 
-    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    class ProgressCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             tracker.start(state.global_step, state.max_steps)
 

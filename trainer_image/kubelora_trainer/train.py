@@ -97,7 +97,7 @@ def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: 
     """The SFTTrainer this trainer uses (also what the throughput benchmark measures)."""
     from peft import LoraConfig
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     # peft/trl still read the pre-v5 name; the warning says nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -139,7 +139,7 @@ def count_4bit_linear(model: Any) -> int:
         import bitsandbytes as bnb
     except ImportError:
         return 0
-    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    return len([m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)])  # type: ignore[attr-defined]
 
 
 def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
