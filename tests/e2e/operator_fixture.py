@@ -1,4 +1,139 @@
-"""Session fixture running the real operator (``kubelora-operator``) against the local cluster.
+"""Session fixture ``operator``: the real ``kubelora-operator`` as a subprocess against the local cluster.
 
-Filled in by the operator work; kept as a plugin module so every e2e test file shares one operator.
+Loaded as a pytest plugin from the root conftest.py, so every e2e module shares one operator. It
+runs cluster-wide and standalone (no peering), with its liveness endpoint on a free local port,
+which is also how the fixture knows it is up: kopf serves it only after the startup handlers ran.
+Tests that need a crash call :meth:`OperatorProcess.kill` (SIGKILL, no cleanup) and then
+:meth:`OperatorProcess.start` (in a ``finally``, so later tests find it running). The operator's
+output goes to a log file: ``operator.log_path``, ``operator.tail()``.
 """
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+START_TIMEOUT = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class OperatorProcess:
+    """Start, stop, kill and inspect one ``kubelora-operator`` process."""
+
+    kubeconfig: Path
+    log_path: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    starts: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def start(self) -> None:
+        """Launch and wait until the liveness endpoint answers; fail with the log tail otherwise."""
+        if self.running:
+            return
+        self.port = _free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "OMP_NUM_THREADS": "1", **self.env}
+        argv = [sys.executable, "-m", "kubelora", "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+                *self.extra_args]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== start #{self.starts + 1}: {' '.join(argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        self.starts += 1
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kubelora-operator exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"kubelora-operator not healthy after {START_TIMEOUT} s:\n{self.tail()}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Graceful stop (SIGTERM, as Kubernetes does), SIGKILL if it hangs."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def kill(self) -> None:
+        """Crash: SIGKILL, no cleanup handlers, in-flight requests lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the operator process (0 when not running)."""
+        pid = self.pid
+        if pid is None:
+            return 0
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.logs().splitlines()[-lines:])
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator for the whole session; tests that kill it start it again (``operator.start()``)."""
+    proc = OperatorProcess(kubeconfig=Path(cluster.kubeconfig),
+                           log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+                           env={"KUBELORA_PROGRESS_INTERVAL_SECONDS": "1"})  # live progress in short runs
+    try:
+        proc.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield proc
+    proc.stop()
