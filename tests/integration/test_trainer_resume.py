@@ -68,3 +68,34 @@ def test_killed_trainer_resumes_from_newest_complete_checkpoint(tiny_llama: Path
     logged = [h["step"] for h in state["log_history"] if "loss" in h]
     assert logged[0] == 1 and logged[-1] == STEPS and len(logged) == len(set(logged))
     verify_adapter_dir(tmp_path / "out" / "rev-2")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tiny_llama: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from kubelora_trainer.errors import TrainingStoppedError
+    from kubelora_trainer.train import Hooks, train
+    from transformers import TrainerCallback
+
+    class Terminate(TrainerCallback):  # what the kubelet does on suspend / Job deletion
+        def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:
+            if getattr(state, "global_step", 0) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    data = write_chat_dataset(tmp_path / "chat.jsonl", n=32)
+    run = TrainerRunConfig.model_validate({
+        "name": "bot", "namespace": "team", "revision": 1,
+        "spec": {"baseModel": {"uri": f"file://{tiny_llama}"}, "dataset": {"uri": f"file://{data}", "evalSplit": 0},
+                 "output": {"uri": f"file://{tmp_path}/out"}, "method": "lora",
+                 "training": {"maxSteps": 10, "saveSteps": 100, "batchSize": 4, "gradientAccumulationSteps": 1,
+                              "maxSeqLength": 128}}})
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStoppedError, match="stopped by SIGTERM at step 5 after saving checkpoint-5"):
+        train(run, Hooks(sinks=[], extra_callbacks=[Terminate()]))
+    assert signal.getsignal(signal.SIGTERM) == previous  # handler removed again
+    ckpts = tmp_path / "out" / "rev-1" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-5"]
+    assert not (tmp_path / "out" / "rev-1" / "kubelora-manifest.json").exists()
+    result = train(run, Hooks(sinks=[]))
+    assert result.ok and result.metrics["resumed_from_step"] == 5 and result.metrics["global_step"] == 10

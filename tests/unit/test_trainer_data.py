@@ -176,3 +176,26 @@ def test_default_split_is_ten_percent(tmp_path: Path) -> None:
     uri = write_lines(tmp_path / "t.jsonl", [json.dumps(CHAT)] * 40)
     splits = load(uri)
     assert (len(splits.train), len(splits.eval)) == (36, 4)  # type: ignore[attr-defined]
+
+
+def test_reads_over_http(tmp_path: Path) -> None:
+    """https:// goes through fsspec's HTTP filesystem (served here over plain http on localhost)."""
+    import functools
+    import http.server
+    import threading
+
+    from kubelora.api.uris import HttpsURI
+
+    write_lines(tmp_path / "chat.jsonl", [json.dumps(CHAT)] * 2 + ['{"messages": oops}'])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/chat.jsonl"
+        with pytest.raises(InvalidDatasetError, match=rf"{url} line 3: invalid JSON"):
+            read_rows(HttpsURI(url))
+        (tmp_path / "chat.jsonl").write_text(json.dumps(CHAT) + "\n")
+        assert read_rows(HttpsURI(url)) == [(CHAT, url, "line 1")]
+    finally:
+        server.shutdown()

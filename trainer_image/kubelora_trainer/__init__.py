@@ -12,6 +12,7 @@ stay fast):
 - ``modelload``  resolving and loading the base model and tokenizer
 - ``checkpoints`` finding the newest complete checkpoint to resume from
 - ``progress``   progress reporting (log line + LoRAJob status patch) behind a small interface
+- ``stopping``   SIGTERM -> save a checkpoint at the end of the step, then stop
 - ``publish``    writing the adapter and its manifest atomically; ``verify_adapter_dir``
 - ``train``      the training run that ties these together
 """

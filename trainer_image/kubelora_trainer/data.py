@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubelora.api.lorajob import DatasetSource
+from kubelora.api.uris import ArtifactURI
 
 from kubelora_trainer.errors import InvalidDatasetError
 from kubelora_trainer.storage import Location, locate
@@ -202,7 +203,7 @@ def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[
     yield from _iter_jsonl(text, source, problems)  # .jsonl, .ndjson, and .json files holding JSON Lines
 
 
-def read_rows(uri: str) -> list[tuple[dict[str, Any], str, str]]:
+def read_rows(uri: str | ArtifactURI) -> list[tuple[dict[str, Any], str, str]]:
     """Every row at ``uri`` as ``(row, source, where)``; raises on unreadable files and non-object rows."""
     loc = locate(uri)
     problems = _Problems()

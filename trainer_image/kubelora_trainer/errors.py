@@ -50,3 +50,10 @@ class TrainingFailedError(TrainerError):
 
     reason = Reason.TRAINING_FAILED.value
     exit_code = EXIT_FAILED
+
+
+class TrainingStoppedError(TrainerError):
+    """SIGTERM (suspend, Job deletion, node drain): a checkpoint was saved and the run stopped early."""
+
+    reason = Reason.TRAINING_FAILED.value
+    exit_code = EXIT_FAILED

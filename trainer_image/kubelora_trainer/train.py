@@ -22,10 +22,11 @@ from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStat
 from kubelora_trainer import mapping
 from kubelora_trainer.checkpoints import RemoteCheckpoints, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits
-from kubelora_trainer.errors import TrainingFailedError
+from kubelora_trainer.errors import TrainingFailedError, TrainingStoppedError
 from kubelora_trainer.modelload import ModelRef, detect_device, load_base_model, load_tokenizer, resolve_base_model
 from kubelora_trainer.progress import ProgressSink, ProgressTracker, default_sinks, make_callback
 from kubelora_trainer.publish import existing_adapter, publish_adapter, revision_dir
+from kubelora_trainer.stopping import GracefulStop
 from kubelora_trainer.storage import locate
 from kubelora_trainer.validate import LossPlan, plan_loss, validate_splits
 
@@ -153,7 +154,8 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
         return TrainerResult(ok=True, reason=Reason.COMPLETED.value, message="adapter already published",
                              adapter=info, metrics=manifest.metrics)
 
-    pre = preflight(run, tokenizer_only=False)
+    pre = preflight(run, tokenizer_only=True)  # reject bad input before downloading any weights
+    model_ref = resolve_base_model(spec.base_model.uri, tokenizer_only=False)
     device = detect_device()
     for note in mapping.plan_notes(spec, device):
         (log.warning if "slow" in note else log.info)(note)
@@ -162,7 +164,7 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
            if spec.method == "qlora" and spec.effective_quantization else None)
 
     t_load = time.monotonic()
-    model = load_base_model(pre.model_ref, spec.method, precision, device, bnb)
+    model = load_base_model(model_ref, spec.method, precision, device, bnb)
     n4 = count_4bit_linear(model)
     log.info("base model loaded in %.1fs%s", time.monotonic() - t_load,
              f" ({n4} Linear4bit layers)" if spec.method == "qlora" else "")
@@ -178,15 +180,17 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     sinks = hooks.sinks if hooks.sinks is not None else default_sinks(run.name, run.namespace)
     tracker = ProgressTracker(sinks, hooks.progress_interval, checkpoint_uri=lambda n: f"{ckpt_uri}/{n}")
     on_save = (lambda path: remote.push(Path(path))) if remote is not None else None
+    stop = GracefulStop()
     trainer = build_trainer(run, model=model, tokenizer=pre.tokenizer, splits=pre.splits, loss=pre.loss,
                             device=device, output_dir=str(local_ckpts),
-                            callbacks=[make_callback(tracker, on_save), *hooks.extra_callbacks])
+                            callbacks=[make_callback(tracker, on_save), stop.callback(), *hooks.extra_callbacks])
     if hooks.on_trainer is not None:
         hooks.on_trainer(trainer)
 
     if resume is not None:
         log.info("resuming from %s at step %d", resume.path, resume.step)
     t_train = time.monotonic()
+    stop.install()
     try:
         output = trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     except Exception as exc:
@@ -199,8 +203,13 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
                 "maxSeqLength, use method qlora, or request a larger GPU") from exc
         raise
     finally:
+        stop.uninstall()
         tracker.finish()
     train_seconds = time.monotonic() - t_train
+    if stop.requested:
+        raise TrainingStoppedError(
+            f"stopped by {stop.signal_name} at step {trainer.state.global_step} after saving "
+            f"checkpoint-{trainer.state.global_step}; a restarted pod resumes from it")
 
     metrics = _metrics(trainer, output, train_seconds, resume.step if resume else 0)
     if spec.method == "qlora":
