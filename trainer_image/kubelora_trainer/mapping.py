@@ -158,9 +158,9 @@ def bnb_kwargs(quant: QuantizationSpec, precision: Precision) -> dict[str, Any]:
 def estimate_total_steps(train_rows: int, training: TrainingSpec) -> int:
     """Optimizer steps of the run, before packing changes the row count (used for the logging interval)."""
     if training.max_steps:
-        return training.max_steps
+        return int(training.max_steps)
     per_epoch = math.ceil(math.ceil(train_rows / training.batch_size) / training.gradient_accumulation_steps)
-    return max(1, per_epoch) * training.epochs
+    return max(1, per_epoch) * int(training.epochs)
 
 
 def logging_steps_for(total_steps: int) -> int:
