@@ -219,3 +219,35 @@ def test_validate_only_cli_reports_stats(tiny_llama: Path, tmp_path: Path) -> No
     assert (v["trainRows"], v["evalRows"], v["format"]) == (30, 10, "messages")
     assert 0 < v["meanTokens"] <= v["maxTokens"] <= 256 and v["totalTokens"] > 0
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning",
+                            "ignore:Paged optimizers are not supported on CPU:UserWarning")
+def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: Path) -> None:
+    """No GPU here: build the GPU plan (packing, checkpointing, paged optimizer, best model at end) and run it
+    with only the CPU-impossible flags swapped, so a renamed or conflicting TRL argument fails in CI."""
+    from kubelora_trainer import mapping
+    from kubelora_trainer.data import DatasetSplits, Record
+    from kubelora_trainer.train import to_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.tinymodel import sample_rows
+
+    run = make_run(tmp_path, tiny_llama, "file:///unused.jsonl", maxSteps=4, saveSteps=2, evalSteps=2,
+                   gradientCheckpointing=True, optimizer="paged_adamw_32bit")
+    gpu = mapping.Device("cuda", bf16=True, flash_attention=False)
+    kw = mapping.sft_kwargs(run.spec, output_dir=str(tmp_path / "ckpt"), device=gpu, data_format="messages",
+                            has_eval=True, train_rows=28)
+    assert kw["packing"] and kw["activation_checkpointing"] and kw["bf16"] and kw["load_best_model_at_end"]
+    kw.update(use_cpu=True, bf16=False)
+    records = [Record(r, "mem", f"row {i}") for i, r in enumerate(sample_rows(32))]
+    splits = DatasetSplits("messages", records[:28], records[28:])
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=SFTConfig(**kw),
+                         train_dataset=to_dataset(splits.train), eval_dataset=to_dataset(splits.eval),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_llama),
+                         peft_config=LoraConfig(**mapping.lora_kwargs(run.spec.lora)))
+    assert trainer.padding_free  # bfd packing implies padding-free rows
+    trainer.train()
+    assert trainer.state.global_step == 4 and trainer.state.best_model_checkpoint
