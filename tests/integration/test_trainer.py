@@ -251,3 +251,32 @@ def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: P
     assert trainer.padding_free  # bfd packing implies padding-free rows
     trainer.train()
     assert trainer.state.global_step == 4 and trainer.state.best_model_checkpoint
+
+
+def test_template_without_generation_markers_trains_on_last_assistant_turn(tiny_llama: Path, tmp_path: Path) -> None:
+    """A chat template TRL cannot mark assistant turns in: rows become prompt/completion at the last assistant
+    message, so the loss still covers assistant text only (instead of failing or training on the prompt)."""
+    import shutil
+
+    from kubelora_trainer.train import Hooks, train
+    from kubelora_trainer.validate import plan_loss
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "plain-template"
+    shutil.copytree(tiny_llama, base)
+    template = (base / "chat_template.jinja").read_text()
+    plain = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    (base / "chat_template.jinja").write_text(plain)
+    plan = plan_loss(AutoTokenizer.from_pretrained(base), "messages")
+    assert plan.convert_to_prompt_completion and not plan.assistant_only_loss
+
+    captured: dict[str, Any] = {}
+    data = write_chat_dataset(tmp_path / "chat.jsonl", n=32)
+    run = make_run(tmp_path, base, f"file://{data}", maxSteps=4, saveSteps=4, dataset={"evalSplit": 0})
+    result = train(run, Hooks(sinks=[], on_trainer=lambda t: captured.update(row=t.train_dataset[0])))
+    assert result.ok
+    row = captured["row"]
+    supervised = [tok for tok, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]
+    text = AutoTokenizer.from_pretrained(base).decode(supervised)
+    assert "user" not in text and "<|im_start|>" not in text
+    assert text.startswith("The sky is blue.<|im_end|>")
