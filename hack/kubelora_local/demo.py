@@ -14,6 +14,7 @@ the trainer and the CPU engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -62,10 +63,8 @@ def start_operator(state: Path, kubeconfig: str) -> subprocess.Popen[bytes]:
 def stop_operator(state: Path) -> None:
     pid_file = state / "run" / "operator.pid"
     if pid_file.exists():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
         pid_file.unlink()
 
 
@@ -125,7 +124,8 @@ def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]
     while time.monotonic() < deadline:
         ad = get(kube, "adapterdeployments", name)
         status = ad.get("status", {})
-        line = f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, adapters {status.get('adaptersReady', '-')}"
+        line = (f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, "
+                f"adapters {status.get('adaptersReady', '-')}")
         if line != last:
             console.print(line)
             last = line
