@@ -58,8 +58,9 @@ def test_namespaced_install_binds_per_namespace() -> None:
 
 
 def test_chart_ships_the_generated_crds() -> None:
-    names = sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    names = sorted(p.name for p in (CHART / "crds").glob("kubelora.io_*.yaml"))
     assert names == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    assert (CHART / "crds" / "kopf.dev_peerings.yaml").exists(), "HA needs kopf's peering CRDs"
 
 
 @pytest.mark.parametrize("values", [pytest.param(("peering.enabled=true", "replicas=2"), id="ha")])
@@ -68,3 +69,4 @@ def test_ha_uses_peering(values: tuple[str, ...]) -> None:
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 2
     assert "--peering=kubelora" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"] == ["kubelora"]
