@@ -12,6 +12,7 @@ costs no API calls.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TypeVar
 
@@ -55,6 +56,19 @@ def _settings() -> Settings:
     from kubelora import handlers
 
     return handlers.SETTINGS
+
+
+class _QuietTicks(logging.Filter):
+    """Drop kopf's "Timer 'observe' succeeded." line: at one per object per poll it would drown the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timer 'observe' succeeded")
+
+
+@kopf.on.startup()
+def _quiet_polling(**_: Any) -> None:
+    logging.getLogger("kopf.objects").addFilter(_QuietTicks())
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per agent request otherwise
 
 
 def _poll_seconds() -> float:
