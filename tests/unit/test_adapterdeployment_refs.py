@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from kubelora.api.adapterdeployment import AdapterDeploymentSpec
-from kubelora.api.runtime import DesiredAdapter
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterStatus
+from kubelora.api.runtime import AgentAdapterState, AgentReport, DesiredAdapter
+from kubelora.reconcile.adapterdeployment_adapters import aggregate_adapter
 from kubelora.reconcile.adapterdeployment_refs import JobView, job_view, referenced_jobs, resolve_adapters
+from kubelora.reconcile.adapterdeployment_views import ReplicaReport
 
 D1 = "sha256:" + "1" * 64
 D2 = "sha256:" + "2" * 64
@@ -104,3 +106,37 @@ def test_too_many_adapters_fails_only_the_extra_ones() -> None:
 
 def test_referenced_jobs() -> None:
     assert referenced_jobs(spec(ref("a", "j1"), ref("b", "j2"), {"name": "c", "uri": "file:///x"})) == {"j1", "j2"}
+
+
+SERVED_BEFORE = AdapterStatus(name="support", state="Loaded", uri="pvc://adapters/bot/rev-1", digest=D1)
+
+
+@pytest.mark.parametrize(("job", "previous", "source", "verdict", "reason", "uri"), [
+    pytest.param(lorajob(phase="Running"), SERVED_BEFORE, ref(), None, "LoRAJobNotReady",
+                 "pvc://adapters/bot/rev-1", id="retraining-keeps-serving"),
+    pytest.param(lorajob(phase="Failed"), SERVED_BEFORE, ref(), None, "LoRAJobFailed", "pvc://adapters/bot/rev-1",
+                 id="failed-retraining-keeps-serving"),
+    pytest.param(lorajob(phase="Failed", adapter=published()), None, ref(), None, "LoRAJobFailed",
+                 "pvc://adapters/bot/rev-1", id="failed-but-published"),
+    pytest.param(lorajob(phase="Running"), SERVED_BEFORE.model_copy(update={"uri": "pvc://adapters/other/rev-1"}),
+                 ref(), "Pending", "LoRAJobNotReady", None, id="previous-from-another-job"),
+    pytest.param(lorajob(phase="Running"), SERVED_BEFORE, ref(digest=D2), "Pending", "LoRAJobNotReady", None,
+                 id="previous-breaks-pin"),
+    pytest.param(lorajob(phase="Running"), SERVED_BEFORE.model_copy(update={"digest": None}), ref(), "Pending",
+                 "LoRAJobNotReady", None, id="previous-without-digest"),
+])
+def test_previous_adapter_is_kept_while_its_job_retrains(job: dict[str, Any], previous: AdapterStatus | None,
+                                                        source: dict[str, Any], verdict: str | None, reason: str,
+                                                        uri: str | None) -> None:
+    [resolved] = resolve_adapters(spec(source), views(job), [previous] if previous else [])
+    assert (resolved.verdict, resolved.reason, resolved.uri) == (verdict, reason, uri)
+    assert (resolved.desired is not None) == (verdict is None)
+
+
+def test_note_shows_on_a_loaded_adapter() -> None:
+    [resolved] = resolve_adapters(spec(ref()), views(lorajob(phase="Running")), [SERVED_BEFORE])
+    report = AgentReport(pod="p", engine_ready=True, adapters=[
+        AgentAdapterState(name="support", state="Loaded", digest=D1)])
+    status = aggregate_adapter(resolved, [ReplicaReport(pod="p", ready=True, report=report)], None, "t")
+    assert (status.state, status.reason, status.digest) == ("Loaded", "LoRAJobNotReady", D1)
+    assert "serving its previous adapter" in status.message

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import kopf
 from pydantic import ValidationError
 
-from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus, AdapterStatus
 from kubelora.api.common import GROUP, VERSION, now_rfc3339
 from kubelora.api.reasons import DeploymentPhase, Reason
 from kubelora.handlers.adapterdeployment_agents import poll_agents
@@ -121,6 +121,11 @@ def _previous(body: Mapping[str, Any]) -> AdapterDeploymentStatus | None:
         return None
 
 
+def _served(body: kopf.Body) -> list[AdapterStatus]:
+    previous = _previous(body)
+    return previous.adapters if previous is not None else []
+
+
 def _status_diff(body: kopf.Body, new: AdapterDeploymentStatus, logger: kopf.Logger) -> dict[str, Any] | None:
     """The status patch to send (None: nothing changed); announces phase changes as Events."""
     diff = status_patch(body.get("status"), new)
@@ -166,7 +171,7 @@ def serve(body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.
     spec, invalid = parse_spec(body)
     resolved: list[ResolvedAdapter] = []
     if spec is not None:
-        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec))
+        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec), _served(body))
         settings = _settings()
         try:
             children = build_children(body, spec, resolved, image=spec.vllm.image or settings.server_image,
@@ -216,7 +221,7 @@ async def observe(body: kopf.Body, namespace: str | None, name: str, memo: kopf.
     resolved: list[ResolvedAdapter] = []
     reports: list[ReplicaReport] = []
     if spec is not None:
-        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec))
+        resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec), _served(body))
         invalid = await _sync_changed(body, spec, resolved, memo, logger)
         if invalid is None:
             reports = await poll_agents(_values(serving_pods, key))

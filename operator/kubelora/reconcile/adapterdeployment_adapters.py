@@ -67,6 +67,8 @@ def aggregate_adapter(adapter: ResolvedAdapter, replicas: Sequence[ReplicaReport
         state = min((s.state for s in progressing), key=PROGRESS_ORDER.index)
         example = next(s for s in progressing if s.state == state)
         reason, message = example.reason, example.message
+    if not reason and not message:  # the operator's note, e.g. "its LoRAJob is retraining"
+        reason, message = adapter.reason, adapter.message
     return AdapterStatus(
         name=adapter.name, state=state, digest=digest, uri=adapter.uri, loaded_replicas=len(loaded),
         reason=reason, message=message, last_transition_time=_transition(adapter.name, state, previous, now))

@@ -3,19 +3,22 @@
 A ``uri`` adapter is passed through. A ``loraJobRef`` adapter is served from the LoRAJob's published
 ``status.adapter``: while the job has none yet the adapter is Pending (LoRAJobNotReady), a failed or missing
 job fails only that adapter, and a new successful run (a new digest) rolls the adapter forward by changing
-only the ConfigMap. Checks that need nothing but the LoRAJob status (digest pin, peft type, rank, count)
-are decided here, so a bad adapter never reaches the pods; the rest (files, base model) is the agent's.
+only the ConfigMap. A job that is retrained keeps being served from the adapter it published before (found
+in the deployment's own status, under that job's output URI) until the new one is published, and a failed
+retraining does not take the last good adapter away: both show as a reason on the still-served adapter.
+Checks that need nothing but the LoRAJob status (digest pin, peft type, rank, count) are decided here, so
+a bad adapter never reaches the pods; the rest (files, base model) is the agent's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterSource
+from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterSource, AdapterStatus
 from kubelora.api.lorajob import AdapterInfo
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import DesiredAdapter
@@ -65,7 +68,8 @@ def _job_message(status: Mapping[str, Any], phase: str) -> str:
 
 @dataclass(frozen=True)
 class ResolvedAdapter:
-    """One adapter after resolution. ``verdict`` None means "hand it to the agents"."""
+    """One adapter after resolution. ``verdict`` None means "hand it to the agents"; a reason and message
+    without a verdict are a note on an adapter that is still served (e.g. its LoRAJob is retraining)."""
 
     name: str
     uri: str | None = None
@@ -93,17 +97,42 @@ def _failed(source: AdapterSource, reason: Reason, message: str, uri: str | None
                            claim_uri=uri)
 
 
-def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymentSpec) -> ResolvedAdapter:
+def _kept(source: AdapterSource, job: JobView, previous: AdapterStatus | None) -> ResolvedAdapter | None:
+    """The adapter this deployment last served from ``job``, if the status still names one."""
+    if previous is None or not previous.uri or not previous.digest or not job.output_uri:
+        return None
+    if not previous.uri.startswith(job.output_uri.rstrip("/") + "/"):
+        return None  # served from another job before loraJobRef was changed
+    if source.digest and source.digest != previous.digest:
+        return None
+    return ResolvedAdapter(source.name, uri=previous.uri, digest=previous.digest, claim_uri=previous.uri)
+
+
+def _noted(kept: ResolvedAdapter, reason: Reason, message: str) -> ResolvedAdapter:
+    return ResolvedAdapter(kept.name, uri=kept.uri, digest=kept.digest, reason=reason, message=message,
+                           claim_uri=kept.claim_uri)
+
+
+def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymentSpec,
+              previous: AdapterStatus | None) -> ResolvedAdapter:
     assert source.lora_job_ref is not None
     ref = source.lora_job_ref.name
     if job is None:
         return _failed(source, Reason.LORAJOB_NOT_FOUND, f"LoRAJob {ref!r} does not exist in this namespace")
+    info = job.adapter
+    kept = _kept(source, job, previous) if info is None else None
     if job.phase == JobPhase.FAILED:
         detail = f": {job.message}" if job.message else ""
-        return _failed(source, Reason.LORAJOB_FAILED, f"LoRAJob {ref!r} failed{detail}")
-    info = job.adapter
+        if kept is not None:
+            return _noted(kept, Reason.LORAJOB_FAILED,
+                          f"LoRAJob {ref!r} failed{detail}; still serving its previous adapter {kept.uri}")
+        if info is None:
+            return _failed(source, Reason.LORAJOB_FAILED, f"LoRAJob {ref!r} failed{detail}")
     if info is None:
         detail = f" ({job.message})" if job.message else ""
+        if kept is not None:
+            return _noted(kept, Reason.LORAJOB_NOT_READY,
+                          f"LoRAJob {ref!r} is {job.phase}{detail}; serving its previous adapter until it publishes")
         return _pending(source, Reason.LORAJOB_NOT_READY,
                         f"LoRAJob {ref!r} is {job.phase}{detail}; waiting for its adapter", job.output_uri)
     if source.digest and source.digest != info.digest:
@@ -116,20 +145,27 @@ def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymen
     if info.rank > spec.vllm.max_lora_rank:
         return _failed(source, Reason.RANK_TOO_LARGE,
                        f"rank {info.rank} > vllm.maxLoraRank {spec.vllm.max_lora_rank}", info.uri, info.digest)
+    if job.phase == JobPhase.FAILED:
+        return ResolvedAdapter(source.name, uri=info.uri, digest=info.digest, claim_uri=info.uri,
+                               reason=Reason.LORAJOB_FAILED,
+                               message=f"LoRAJob {ref!r} failed; still serving its published adapter {info.uri}")
     return ResolvedAdapter(source.name, uri=info.uri, digest=info.digest, claim_uri=info.uri)
 
 
-def resolve_adapters(spec: AdapterDeploymentSpec, jobs: Mapping[str, JobView]) -> list[ResolvedAdapter]:
-    """Resolve every adapter in spec order; ``jobs`` maps LoRAJob names (same namespace) to their views.
+def resolve_adapters(spec: AdapterDeploymentSpec, jobs: Mapping[str, JobView],
+                     previous: Sequence[AdapterStatus] = ()) -> list[ResolvedAdapter]:
+    """Resolve every adapter in spec order; ``jobs`` maps LoRAJob names (same namespace) to their views and
+    ``previous`` is the deployment's current ``status.adapters`` (what it served last).
 
     Adapters beyond vllm.maxCpuLoras (counting only those that would be loaded) fail with TooManyAdapters,
     so the first ones listed keep working when the list grows too long.
     """
     out: list[ResolvedAdapter] = []
+    before = {a.name: a for a in previous}
     loadable = 0
     for source in spec.adapters:
         if source.lora_job_ref is not None:
-            resolved = _from_job(source, jobs.get(source.lora_job_ref.name), spec)
+            resolved = _from_job(source, jobs.get(source.lora_job_ref.name), spec, before.get(source.name))
         else:
             resolved = ResolvedAdapter(source.name, uri=source.uri, digest=source.digest, claim_uri=source.uri)
         if resolved.verdict is None:
