@@ -40,6 +40,8 @@ class OperatorProcess:
     kubeconfig: Path
     log_path: Path
     extra_args: list[str] = field(default_factory=list)
+    launcher: list[str] = field(default_factory=lambda: [sys.executable, "-m", "kubelora"])
+    """The command before the flags; benchmarks swap in a profiling wrapper."""
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
@@ -59,7 +61,7 @@ class OperatorProcess:
             return
         self.port = _free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "OMP_NUM_THREADS": "1", **self.env}
-        argv = [sys.executable, "-m", "kubelora", "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+        argv = [*self.launcher, "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
                 *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from kubelora.reconcile.lorajob_observed import Observed, job_state, observe, parse_trainer_result, pod_state
+from kubelora.reconcile.lorajob_observed import (
+    Observed,
+    job_signal,
+    job_state,
+    observe,
+    parse_trainer_result,
+    pod_signal,
+    pod_state,
+)
 
 DIGEST = "sha256:" + "0" * 64
 
@@ -92,3 +100,26 @@ def test_observed_queries() -> None:
     assert [p.name for p in observed.live_training_pods(1)] == ["b"]
     assert observed.job("v") is not None and observed.job(None) is None and observed.job("nope") is None
     assert Observed() == Observed()
+
+
+@pytest.mark.parametrize(("body", "fresh"), [
+    pytest.param({"metadata": {"name": "j"}}, True, id="new-job"),
+    pytest.param({"metadata": {"name": "j"}, "status": {"active": 1}}, True, id="job-got-a-pod"),
+    pytest.param({"metadata": {"name": "j"}, "status": {"failed": 1, "active": 1}}, False, id="job-retrying"),
+    pytest.param({"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}},
+                 False, id="job-complete"),
+    pytest.param({"metadata": {"name": "j", "deletionTimestamp": "t"}}, False, id="job-deleting"),
+])
+def test_job_signal(body: dict[str, object], fresh: bool) -> None:
+    assert (job_signal(job_state(body)) == job_signal(None)) is fresh
+
+
+@pytest.mark.parametrize(("status", "fresh"), [
+    pytest.param({}, True, id="new-pod"),
+    pytest.param({"phase": "Pending", "conditions": [{"type": "PodScheduled"}]}, True, id="scheduled"),
+    pytest.param({"phase": "Running"}, False, id="running"),
+    pytest.param({"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}, False, id="failed"),
+])
+def test_pod_signal(status: dict[str, object], fresh: bool) -> None:
+    assert (pod_signal(pod_state({"metadata": {"name": "p"}, "status": status})) == pod_signal(None)) is fresh

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TrainerRunConfig
-from kubelora.reconcile.lorajob import Plan, reconcile, training_changes, with_training_fields
+from kubelora.reconcile.lorajob import Plan, needs_reconcile, reconcile, training_changes, with_training_fields
 from kubelora.reconcile.lorajob_actions import Create, Delete
 from kubelora.reconcile.lorajob_observed import observe
 from kubelora.settings import Settings
@@ -479,7 +479,7 @@ def test_suspend_deletes_the_job_and_resume_continues_from_checkpoint() -> None:
     resumed = world.step(LATER)
     assert resumed.phase == "Running" and resumed.status["jobName"] == "bot-train-3"
     assert names(resumed)[-1] == "create Job/bot-train-3"
-    assert resumed.status["revision"] == 1 and resumed.status["attempts"] == 0
+    assert resumed.status["revision"] == 1 and resumed.status["attempts"] == 1
     assert world.reconcile(LATER).patch == {}
 
 
@@ -540,3 +540,21 @@ def test_garbage_in_status_is_dropped_not_fatal() -> None:
     plan = world.reconcile()
     assert plan.phase == "Validating" and plan.status["attempts"] == 0
     assert "foreign" not in plan.patch  # not ours: left alone
+
+
+@pytest.mark.parametrize(("event", "meta", "status", "expected"), [
+    pytest.param(None, {}, {"phase": "Running", "observedGeneration": 1}, True, id="operator-start-resumes"),
+    pytest.param("ADDED", {}, None, True, id="created"),
+    pytest.param("MODIFIED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="status-patch"),
+    pytest.param("MODIFIED", {"generation": 2}, {"phase": "Running", "observedGeneration": 1}, True,
+                 id="spec-changed"),
+    pytest.param("MODIFIED", {}, {"progress": {"step": 3}}, True, id="status-wiped"),
+    pytest.param("MODIFIED", {"deletionTimestamp": "t"}, {"phase": "Running"}, False, id="being-deleted"),
+    pytest.param("DELETED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="deleted"),
+])
+def test_needs_reconcile(event: str | None, meta: dict[str, Any], status: dict[str, Any] | None,
+                         expected: bool) -> None:
+    body: dict[str, Any] = {"metadata": {"name": "bot", "generation": 1, **meta}}
+    if status is not None:
+        body["status"] = status
+    assert needs_reconcile(event, body) is expected

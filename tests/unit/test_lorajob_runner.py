@@ -7,8 +7,6 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-import kopf
-import pytest
 from kubelora.handlers.lorajob_client import ApiError, path
 from kubelora.handlers.lorajob_runner import Reconciler
 from kubelora.reconcile.lorajob_observed import Observed, job_state
@@ -91,7 +89,7 @@ def run(coro: Any) -> Any:
 def test_first_reconcile_creates_preflight_and_writes_status_once() -> None:
     api = FakeApi({LJ: lorajob()})
     rec = Reconciler(api, Settings())
-    run(rec.run(("ml", "bot"), nothing))
+    run(rec.kick(("ml", "bot"), nothing))
     assert api.writes() == [
         ("POST", "/api/v1/namespaces/ml/configmaps"),
         ("POST", "/apis/batch/v1/namespaces/ml/jobs"),
@@ -100,7 +98,7 @@ def test_first_reconcile_creates_preflight_and_writes_status_once() -> None:
     assert api.objects[LJ]["status"]["phase"] == "Validating"
     observed = Observed(jobs=(job_state(api.objects["/apis/batch/v1/namespaces/ml/jobs/bot-validate-1"]),))
     api.calls.clear()
-    run(rec.run(("ml", "bot"), lambda _: observed))
+    run(rec.kick(("ml", "bot"), lambda _: observed))
     assert api.writes() == [], "a second reconcile with the same facts must not write"
 
 
@@ -108,7 +106,7 @@ def test_existing_children_are_fine() -> None:
     """A restarted operator that lost the status patch re-creates: 409 is success, no duplicate."""
     api = FakeApi({LJ: lorajob(), "/api/v1/namespaces/ml/configmaps/bot-trainer-1": {},
                    "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1": {}})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.objects[LJ]["status"]["validationJobName"] == "bot-validate-1"
     assert sum(1 for m, p in api.calls if m == "POST") == 2
 
@@ -120,7 +118,7 @@ def test_index_lag_is_filled_by_a_direct_read() -> None:
     status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "validationJobName": "bot-validate-1",
               "observedGeneration": 1}
     api = FakeApi({LJ: lorajob(**status), "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.objects[LJ]["status"]["phase"] == "Running"
     assert ("GET", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
 
@@ -131,36 +129,43 @@ def test_finished_job_without_pod_status_lists_its_pods() -> None:
              "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
     status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "observedGeneration": 1}
     api = FakeApi({LJ: lorajob(**status)})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
     assert ("GET", "/api/v1/namespaces/ml/pods") in api.calls
 
 
 def test_deleted_lorajob_is_ignored() -> None:
     api = FakeApi({})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.writes() == []
 
 
 def test_lorajob_deleted_between_read_and_status_patch() -> None:
     api = FakeApi({LJ: lorajob()})
     api.fail[("PATCH", LJ + "/status")] = 404
-    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))  # no exception: GC is under way
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))  # no exception: GC is under way
 
 
 def test_terminating_lorajob_is_left_to_garbage_collection() -> None:
     body = lorajob()
     body["metadata"]["deletionTimestamp"] = "now"
     api = FakeApi({LJ: body})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.writes() == []
 
 
-def test_api_errors_become_kopf_retries() -> None:
-    api = FakeApi({LJ: lorajob()})
-    api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")] = 403
-    with pytest.raises(kopf.TemporaryError) as err:
-        run(Reconciler(api, Settings()).run(("ml", "bot"), nothing))
-    assert err.value.delay == 30.0
+def test_api_errors_are_retried_with_backoff() -> None:
+    async def scenario() -> tuple[FakeApi, Reconciler]:
+        api = FakeApi({LJ: lorajob()})
+        api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")] = 403
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        assert len(rec._tasks) == 1  # a retry is scheduled (30 s for RBAC errors)
+        for task in rec._tasks:
+            task.cancel()
+        return api, rec
+
+    api, rec = run(scenario())
+    assert rec.last_error is not None and rec.last_error.status == 403
     assert "status" not in api.objects[LJ], "status is written only after the children exist"
 
 
@@ -171,7 +176,7 @@ def test_suspend_deletes_in_the_foreground() -> None:
     body["spec"] = {**SPEC, "suspend": True}
     body["metadata"]["generation"] = 2
     api = FakeApi({LJ: body, "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
-    run(Reconciler(api, Settings()).run(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
+    run(Reconciler(api, Settings()).kick(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
     assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
     assert api.objects[LJ]["status"]["phase"] == "Suspended"
 

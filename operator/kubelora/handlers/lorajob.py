@@ -1,8 +1,13 @@
 """kopf handlers for LoRAJob: thin wiring around :mod:`kubelora.reconcile.lorajob`.
 
-* LoRAJob create/update/resume -> reconcile (errors become kopf retries).
-* Job and Pod events, selected by the ``kubelora.io/lorajob`` label -> reconcile the owner. No
-  polling: a training pod that starts, fails or finishes is an event.
+* LoRAJob events -> reconcile when the object is new to the operator (created, or found at start:
+  kopf's create/resume) or its spec changed (update). This is ``kopf.on.event`` with a generation
+  check rather than ``kopf.on.create/update/resume``: kopf's change detection deep-copies and diffs
+  the whole body on every event (status patches included) and writes a last-handled-configuration
+  annotation per object, which was the largest cost of the operator at 1,000 LoRAJobs
+  (see bench/RESULTS.md). Failed reconciles are retried with backoff by the reconciler.
+* Job and Pod events, selected by the ``kubelora.io/lorajob`` label -> reconcile the owner, when
+  the change can matter (finished, failed, running, going away). No polling.
 * Two indexes keep a small summary of every labelled Job and Pod, so a reconcile reads its
   children from memory, and kopf fills them before any handler runs, so a restarted operator sees
   the Jobs it created before and never duplicates them.
@@ -22,7 +27,17 @@ import kopf
 from kubelora.api.common import GROUP, VERSION
 from kubelora.handlers.lorajob_client import KubeApi
 from kubelora.handlers.lorajob_runner import Key, Observer, Reconciler
-from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState, job_state, pod_state
+from kubelora.reconcile.lorajob import needs_reconcile
+from kubelora.reconcile.lorajob_observed import (
+    JobState,
+    Observed,
+    PodState,
+    Signal,
+    job_signal,
+    job_state,
+    pod_signal,
+    pod_state,
+)
 from kubelora.resources.lorajob_names import NAME_ANNOTATION, label_value
 from kubelora.resources.pods import LORAJOB_LABEL
 
@@ -31,8 +46,8 @@ PodIndex = kopf.Index[Key, PodState]
 CHILD = {LORAJOB_LABEL: kopf.PRESENT}
 
 _reconciler: Reconciler | None = None
-_seen: dict[str, JobState | PodState] = {}
-"""Last summary per child uid: events that change nothing we read (most pod updates) are skipped."""
+_seen: dict[str, Signal] = {}
+"""Last signal per child uid: events that cannot change the outcome (most of them) are skipped."""
 
 
 def reconciler() -> Reconciler:
@@ -83,11 +98,10 @@ def observer(namespace: str | None, kwargs: Mapping[str, Any]) -> Observer:
     return observe
 
 
-@kopf.on.resume(GROUP, VERSION, "lorajobs")
-@kopf.on.create(GROUP, VERSION, "lorajobs")
-@kopf.on.update(GROUP, VERSION, "lorajobs")
-async def lorajob_changed(name: str, namespace: str | None, **kwargs: Any) -> None:
-    await reconciler().run((namespace or "", name), observer(namespace, kwargs))
+@kopf.on.event(GROUP, VERSION, "lorajobs")
+async def lorajob_event(type: str, body: kopf.Body, name: str, namespace: str | None, **kwargs: Any) -> None:
+    if needs_reconcile(type, body):
+        await reconciler().kick((namespace or "", name), observer(namespace, kwargs))
 
 
 def owner_name(body: Mapping[str, Any], labels: Mapping[str, str]) -> str:
@@ -102,25 +116,27 @@ def owner_name(body: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     return labels[LORAJOB_LABEL]
 
 
-def changed(type: str, uid: str, summary: JobState | PodState) -> bool:
+def changed(type: str, uid: str, signal: Signal, fresh: Signal) -> bool:
+    """Whether this event changed a child's signal; an unseen child counts as fresh (new Job, Pending pod)."""
     if type == "DELETED":
         _seen.pop(uid, None)
         return True
-    if _seen.get(uid) == summary:
+    if _seen.get(uid, fresh) == signal:
+        _seen[uid] = signal
         return False
-    _seen[uid] = summary
+    _seen[uid] = signal
     return True
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD)
 async def lorajob_job_event(type: str, body: kopf.Body, namespace: str | None, uid: str, labels: kopf.Labels,
                             **kwargs: Any) -> None:
-    if changed(type, uid, job_state(body)):
+    if changed(type, uid, job_signal(job_state(body)), job_signal(None)):
         await reconciler().kick((namespace or "", owner_name(body, labels)), observer(namespace, kwargs))
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD)
 async def lorajob_pod_event(type: str, body: kopf.Body, namespace: str | None, uid: str, labels: kopf.Labels,
                             **kwargs: Any) -> None:
-    if changed(type, uid, pod_state(body)):
+    if changed(type, uid, pod_signal(pod_state(body)), pod_signal(None)):
         await reconciler().kick((namespace or "", owner_name(body, labels)), observer(namespace, kwargs))

@@ -58,17 +58,10 @@ class Reconciler:
         self._failures: dict[Key, int] = {}
         self._configs: dict[tuple[str, int], TrainerRunConfig] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self, key: Key, observe: Observer) -> None:
-        """Reconcile now and raise on failure (for the LoRAJob's own handlers: kopf retries them)."""
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            try:
-                await self._reconcile(key, observe)
-            except ApiError as exc:
-                raise kopf.TemporaryError(str(exc), delay=_delay(exc.status, 0)) from exc
+        self.last_error: ApiError | None = None
 
     async def kick(self, key: Key, observe: Observer) -> None:
-        """Reconcile because a child changed; coalesced, and retried here since kopf does not retry events."""
+        """Reconcile; coalesced per object, and retried here with backoff since kopf does not retry events."""
         if key in self._pending:
             return
         self._pending.add(key)
@@ -81,6 +74,7 @@ class Reconciler:
                 self._failures[key] = attempt + 1
                 delay = _delay(exc.status, attempt)
                 log.warning("reconcile of %s/%s failed (%s); retrying in %.0f s", *key, exc, delay)
+                self.last_error = exc
                 task = asyncio.create_task(self._later(key, observe, delay))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -76,6 +76,23 @@ class Plan:
         return self.old_phase != self.phase
 
 
+def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
+    """Whether a LoRAJob watch event can change anything: the operator's replacement for kopf's
+    create/update/resume causes, without kopf's per-event diff of the whole body.
+
+    The first sight (``None`` when the operator starts: resume; ``ADDED``: create) always does; a
+    modification only when the spec moved on (``generation`` ahead of ``status.observedGeneration``)
+    or the status lost what the operator wrote. Status patches -- the operator's own and the
+    trainer's progress -- change nothing. Deletion is left to garbage collection.
+    """
+    if event_type == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    if event_type != "MODIFIED":
+        return True
+    status = body.get("status") or {}
+    return bool(status.get("observedGeneration") != body["metadata"].get("generation") or not status.get("phase"))
+
+
 def training_changes(current: LoRAJobSpec, trained: LoRAJobSpec) -> list[str]:
     """Dotted manifest paths (``spec.training.learningRate``) of training fields that differ."""
     return _diff(trained.training_fields(), current.training_fields(), "spec")

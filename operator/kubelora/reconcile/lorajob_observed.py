@@ -67,6 +67,17 @@ class JobState:
         return not self.finished and not self.deleting
 
 
+Signal = tuple[object, ...]
+"""The part of a child's summary that can change a reconcile's outcome (see ``job_signal``)."""
+
+
+def job_signal(job: JobState | None) -> Signal:
+    """Finished, failed (and how often), or going away. A new Job, or one that got a pod, changes nothing."""
+    if job is None:
+        return (False, None, False, 0)
+    return (job.complete, job.failed_reason, job.deleting, job.failed)
+
+
 @dataclass(frozen=True)
 class PodState:
     name: str
@@ -81,6 +92,14 @@ class PodState:
     @property
     def done(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
+
+
+def pod_signal(pod: PodState | None) -> Signal:
+    """Running, finished (with its termination) or going away; a new Pending pod changes nothing."""
+    if pod is None:
+        return ("Pending", None, False)
+    return (pod.phase if pod.phase in ("Running", "Succeeded", "Failed") else "Pending", pod.termination,
+            pod.deleting)
 
 
 @dataclass(frozen=True)
@@ -182,4 +201,5 @@ def observe(jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
 
 
 __all__ = ["EXIT_BAD_INPUT", "PREFLIGHT_COMPONENT", "TRAINER_COMPONENT", "JobState", "Observed", "PodState",
-           "Termination", "job_state", "observe", "parse_trainer_result", "pod_state"]
+           "Signal", "Termination", "job_signal", "job_state", "observe", "parse_trainer_result", "pod_signal",
+           "pod_state"]

@@ -121,7 +121,7 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
     """Outcome of a training Job the Job controller has finished."""
     pods = run.observed.pods_of(job.name)
     updates: dict[str, Any] = {"completion_time": job.completion_time or run.now,
-                               "attempts": max(_attempts(run, job, pods), 1)}
+                               "attempts": _attempts(run, job, pods)}
     if job.complete:
         pod = _last(pods, "Succeeded")
         result = _result(pod)
@@ -146,9 +146,12 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
 
 
 def _attempts(run: RunInput, job: JobState, pods: list[PodState]) -> int:
-    """Pods started by this Job; never decreases while the Job stays the same (deleted pods vanish)."""
+    """Attempts of this Job, the one in progress included (so its pod appearing costs no status write).
+
+    Never decreases while the Job stays the same, although deleted pods vanish from view.
+    """
     stored = run.status.attempts if run.status.job_name == job.name else 0
-    return max(stored, job.active + job.failed + job.succeeded, len(pods))
+    return max(stored, job.active + job.failed + job.succeeded, len(pods), 1)
 
 
 def _running(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
@@ -204,7 +207,7 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
         # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
         actions.append(Create(trainer_config_map(run.body, run.revision, run.spec)))
     actions.append(Create(training_job(run.body, run.spec, run.revision, generation, run.settings)))
-    updates = {"job_name": name, "attempts": 0, "start_time": run.status.start_time or run.now,
+    updates = {"job_name": name, "attempts": 1, "start_time": run.status.start_time or run.now,
                "completion_time": None}
     message = f"training Job {name} created; waiting for its pod to start"  # as _running says: no rewrite
     return RunStep(Outcome(JobPhase.RUNNING, Reason.JOB_CREATED, message, verdict), updates, actions)
