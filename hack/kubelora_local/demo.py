@@ -75,7 +75,7 @@ def seed_volumes(state: Path) -> None:
     claims = state / "pvcs" / NAMESPACE
     model_dir = claims / "models" / "tiny-llama"
     if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir)
+        build_tiny_model(model_dir, initializer_range=0.3)
     write_chat_dataset(claims / "datasets" / "chat.jsonl", n=96)
 
 
@@ -174,7 +174,7 @@ def run(state: Path) -> None:
     console.print(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f",
                           str(EXAMPLES / "adapterdeployment.yaml")).strip())
     wait_for_deployment(kube, "tiny-chat", timeout=300)
-    question = "What is the capital of France?"
+    question = "What colour is the sky?"  # one of the dataset's facts
     console.print(f"[bold]user[/]: {question}")
     console.print(f"[bold]tiny-chat[/] (adapter): {ask(kube, 'tiny-chat', 'tiny-chat', question)!r}")
     console.print(f"[bold]tiny-llama[/] (base): {ask(kube, 'tiny-chat', 'tiny-llama', question)!r}")

@@ -74,8 +74,12 @@ def build_tokenizer() -> Any:
 
 
 def build_tiny_model(dest: Path, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
-                     seed: int = 0) -> Path:
-    """Save a random-init ``arch`` ("llama" or "qwen2") model plus tokenizer to ``dest``; return ``dest``."""
+                     seed: int = 0, initializer_range: float = 0.02) -> Path:
+    """Save a random-init ``arch`` ("llama" or "qwen2") model plus tokenizer to ``dest``; return ``dest``.
+
+    With the usual ``initializer_range`` (0.02) the frozen tied embeddings keep every logit near zero,
+    so no adapter can make the model say anything; the demo raises it so a LoRA can learn real answers.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -89,7 +93,7 @@ def build_tiny_model(dest: Path, arch: str = "llama", *, hidden_size: int = 64, 
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -139,12 +139,14 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def _finite(value: Any) -> float | None:
+def _finite(value: Any, digits: int | None = None) -> float | None:
     try:
         f = float(value)
     except (TypeError, ValueError):
         return None
-    return f if math.isfinite(f) else None
+    if not math.isfinite(f):
+        return None
+    return round(f, digits) if digits is not None else f
 
 
 class ProgressTracker:
@@ -178,13 +180,13 @@ class ProgressTracker:
         now = self.clock()
         changes: dict[str, Any] = {"step": step, "total_steps": total}
         if "loss" in logs:
-            changes["loss"] = _finite(logs["loss"])
+            changes["loss"] = _finite(logs["loss"], 4)  # what `kubectl get lj` shows
         if "learning_rate" in logs:
             changes["learning_rate"] = _finite(logs["learning_rate"])
         if "epoch" in logs:
             changes["epoch"] = _finite(logs["epoch"])
         if "eval_loss" in logs:
-            changes["eval_loss"] = _finite(logs["eval_loss"])
+            changes["eval_loss"] = _finite(logs["eval_loss"], 4)
         tokens = _finite(logs.get("num_tokens"))
         if tokens is not None:
             if self._last_tokens is not None and now > self._last_tokens[0] and tokens >= self._last_tokens[1]:
