@@ -303,3 +303,20 @@ def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
     assert chat(pod, "support").status_code == 200
     [after] = env.pods("roll")
     assert (after["metadata"]["uid"], restarts(after)) == (uid, before)
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    pytest.param({"baseModel": {"uri": "s3://models/tiny", "servedName": SERVED}}, "pvc://", id="s3-base-model"),
+    pytest.param({"adapters": [{"name": "a", "uri": "file:///x"}, {"name": "a", "uri": "file:///y"}]},
+                 "listed twice", id="duplicate-adapter-names"),
+])
+def test_unservable_spec_fails_without_pods(env: Env, spec: Obj, needle: str) -> None:
+    body = adapter_deployment("broken", [])
+    body["spec"].update(spec)
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", body)
+    status = env.wait_phase("broken", "Failed", timeout=60)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert needle in ready["message"]
+    deployments = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments")["items"]
+    assert deployments == []
