@@ -56,6 +56,8 @@ class Recorder:
 
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     jobs_seen: dict[str, float] = field(default_factory=dict)
+    jobs_done: dict[str, float] = field(default_factory=dict)
+    """When the Job controller marked each Job Complete: the operator's cue for the next step."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -73,6 +75,9 @@ class Recorder:
                         name = obj.get("metadata", {}).get("name", "")
                         if kind == "Job" and event["type"] == "ADDED":
                             self.jobs_seen.setdefault(name, time.monotonic())
+                        conditions = (obj.get("status") or {}).get("conditions") or []
+                        if kind == "Job" and any(c.get("type") == "Complete" for c in conditions):
+                            self.jobs_done.setdefault(name, time.monotonic())
                     if self.stop.is_set():
                         return
             except Exception as exc:  # 410 Gone, a dropped stream, or the cluster going down at the end
@@ -104,8 +109,11 @@ def cpu_seconds(pid: int | None) -> float:
 def wait_until(check: Any, timeout: float, what: str) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return time.monotonic()
+        try:
+            if check():
+                return time.monotonic()
+        except KubeError:
+            pass  # not there yet
         time.sleep(0.2)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -184,8 +192,15 @@ def _drive(info: local_cluster.ClusterInfo, kube: Kube, operator: OperatorProces
     sampling.set()
     recorder.stop.set()
     phases = Counter((i.get("status") or {}).get("phase") for i in kube.get(WATCHED["LoRAJob"])["items"])
+    lags = sorted(recorder.jobs_seen[name.replace("-validate-", "-train-")] - done
+                  for name, done in recorder.jobs_done.items()
+                  if "-validate-" in name and name.replace("-validate-", "-train-") in recorder.jobs_seen)
+    last_preflight_done = max(t for n, t in recorder.jobs_done.items() if "-validate-" in n)
     return {
         "count": count,
+        "last_preflight_complete_seconds": round(last_preflight_done - t0, 1),
+        "operator_reaction_p50_seconds": round(lags[len(lags) // 2], 2),
+        "operator_reaction_p99_seconds": round(lags[int(len(lags) * 0.99)], 2),
         "create_seconds": round(t_created - t0, 1),
         "all_preflight_jobs_seconds": round(t_preflight - t0, 1),
         "all_training_jobs_seconds": round(t_training - t0, 1),

@@ -25,6 +25,7 @@ from typing import Any
 import kopf
 
 from kubelora.api.common import GROUP, VERSION
+from kubelora.handlers import lorajob_kopf
 from kubelora.handlers.lorajob_client import KubeApi
 from kubelora.handlers.lorajob_runner import Key, Observer, Reconciler
 from kubelora.reconcile.lorajob import needs_reconcile
@@ -68,6 +69,7 @@ async def lorajob_startup(settings: kopf.OperatorSettings, logger: kopf.Logger, 
         # kopf.operator(peering_name=...) also sets peering.mandatory, and a mandatory peering with no
         # peering CRD pauses every watch stream, even in standalone mode: nothing would ever run.
         settings.peering.mandatory = False
+    lorajob_kopf.install(settings)  # same essences, fewer deep copies on every watch event
     _reconciler = Reconciler(KubeApi(settings, logger), package.SETTINGS)
 
 
