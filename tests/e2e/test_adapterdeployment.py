@@ -273,6 +273,14 @@ def test_replacement_pod_loads_every_adapter(env: Env) -> None:
         assert chat(new, model).status_code == 200
     assert env.wait_phase("resilient", "Ready")["readyReplicas"] == 1
 
+    # A Deployment deleted by hand is put back by the operator (noticed through its index).
+    dep_path = f"/apis/apps/v1/namespaces/{env.ns}/deployments/resilient"
+    old_dep = env.cluster.kube.get(dep_path)["metadata"]["uid"]
+    env.cluster.kube.delete(dep_path)
+    env.cluster.wait_for(lambda: env.cluster.kube.get(dep_path)["metadata"]["uid"] != old_dep, timeout=60,
+                         what="the Deployment re-created")
+    env.wait_adapters("resilient", {"one": "Loaded", "two": "Loaded"})
+
 
 def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
     job = publish_lorajob(env, "bot")

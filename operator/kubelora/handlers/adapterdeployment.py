@@ -12,7 +12,9 @@ costs no API calls.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TypeVar
 
@@ -23,7 +25,7 @@ from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploym
 from kubelora.api.common import GROUP, VERSION, now_rfc3339
 from kubelora.api.reasons import DeploymentPhase, Reason
 from kubelora.handlers.adapterdeployment_agents import poll_agents
-from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed
+from kubelora.handlers.adapterdeployment_children import APPLIED_KEY, apply_children, build_children, changed
 from kubelora.handlers.adapterdeployment_kube import APPLIER, ApplyError
 from kubelora.reconcile.adapterdeployment_refs import (
     JobView,
@@ -191,13 +193,33 @@ def serve(body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.
             _send_status(body, diff, logger)
 
 
+INPUTS_KEY = "kubelora_inputs"
+"""memo key: what the children were last built from, so an unchanged object costs no rebuild per poll."""
+RESYNC_KEY = "kubelora_resync_at"
+RESYNC_SECONDS = 600.0
+"""Re-apply every child this often (no-op server-side applies write nothing), which repairs a child that
+was deleted or edited by hand; a missing Deployment is noticed at once through the index."""
+
+
+def _forget_applied(memo: MutableMapping[str, Any], deployment_missing: bool) -> None:
+    now = time.monotonic()
+    if deployment_missing or now >= memo.get(RESYNC_KEY, 0.0):
+        memo.pop(INPUTS_KEY, None)
+        memo.pop(APPLIED_KEY, None)
+        memo[RESYNC_KEY] = now + RESYNC_SECONDS
+
+
 async def _sync_changed(body: kopf.Body, spec: AdapterDeploymentSpec, resolved: list[ResolvedAdapter],
                         memo: MutableMapping[str, Any], logger: kopf.Logger) -> str | None:
     """Apply the children that changed since the last apply; returns an InvalidSpec message, if any."""
     settings = _settings()
+    image = spec.vllm.image or settings.server_image
+    inputs = copy.deepcopy((body["metadata"].get("uid"), body["metadata"].get("labels"), body.get("spec"),
+                            tuple(resolved), image, settings.image_pull_policy))
+    if memo.get(INPUTS_KEY) == inputs:
+        return None
     try:
-        children = build_children(body, spec, resolved, image=spec.vllm.image or settings.server_image,
-                                  pull_policy=settings.image_pull_policy)
+        children = build_children(body, spec, resolved, image=image, pull_policy=settings.image_pull_policy)
     except ServingSpecError as exc:
         return str(exc)
     todo = changed(children, memo)
@@ -207,6 +229,8 @@ async def _sync_changed(body: kopf.Body, spec: AdapterDeploymentSpec, resolved: 
             logger.info("applied %s", ", ".join(applied))
         except ApplyError as exc:  # the next tick retries; the handlers' retries report it too
             logger.warning("%s", exc)
+            return None
+    memo[INPUTS_KEY] = inputs
     return None
 
 
@@ -222,6 +246,7 @@ async def observe(body: kopf.Body, namespace: str | None, name: str, memo: kopf.
     reports: list[ReplicaReport] = []
     if spec is not None:
         resolved = resolve_adapters(spec, _jobs(lorajob_views, namespace, spec), _served(body))
+        _forget_applied(memo, deployment_missing=_first(serving_deployments, key) is None)
         invalid = await _sync_changed(body, spec, resolved, memo, logger)
         if invalid is None:
             reports = await poll_agents(_values(serving_pods, key))

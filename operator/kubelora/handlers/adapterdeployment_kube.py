@@ -88,9 +88,19 @@ class Applier:
         return data
 
     def apply(self, manifest: Mapping[str, Any]) -> Manifest:
-        """PATCH application/apply-patch+yaml with force: the operator owns every field it sets."""
-        return self._patch(object_path(manifest), manifest, "application/apply-patch+yaml",
-                           [("fieldManager", FIELD_MANAGER), ("force", "true")])
+        """PATCH application/apply-patch+yaml with force: the operator owns every field it sets.
+
+        Two applies that both create the object race, and the loser gets 409 AlreadyExists although the
+        object is there; applying again is then an ordinary update.
+        """
+        for attempt in range(3):
+            try:
+                return self._patch(object_path(manifest), manifest, "application/apply-patch+yaml",
+                                   [("fieldManager", FIELD_MANAGER), ("force", "true")])
+            except ApplyError as exc:
+                if exc.status != 409 or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def patch_status(self, path: str, status: Mapping[str, Any]) -> Manifest:
         """Merge-patch the status subresource of the object at ``path``.
