@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+
 from kubelora.api.runtime import DesiredAdapter, DesiredAdapters
 from kubelora_server.testing import Process, free_port, make_adapter
 

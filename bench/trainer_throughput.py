@@ -54,14 +54,15 @@ def make_run(base: Path, out: Path, batch: int) -> Any:
 def run_arm(arm: str, base: Path, rows: list[dict[str, Any]], batch: int, workdir: Path) -> dict[str, float]:
     import torch
     from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
     from kubelora_trainer import mapping
     from kubelora_trainer.data import DatasetSplits, Record
     from kubelora_trainer.modelload import detect_device, load_tokenizer, resolve_base_model
     from kubelora_trainer.train import build_trainer
     from kubelora_trainer.validate import plan_loss
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, PrinterCallback
-    from trl import SFTConfig, SFTTrainer
 
     out = Path(tempfile.mkdtemp(prefix=f"{arm}-", dir=workdir))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
 from kubelora.api.digest import digest_of, hash_tree
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubelora_local import cluster as local_cluster
 from kubelora_local.kube import Kube, KubeError
 from kubelora_local.paths import cache_root, default_state_dir

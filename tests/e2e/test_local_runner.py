@@ -9,6 +9,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+
 from kubelora_local.__main__ import main as kubelora_local_main
 
 from .conftest import LocalCluster

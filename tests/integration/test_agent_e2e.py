@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
+
 from kubelora.api.runtime import MANIFEST_FILE, DesiredAdapter, DesiredAdapters
 from kubelora_server.testing import Process, free_port, make_adapter
-
 from tests.integration.test_cpu_engine import PROMPT, tiny_assets
 
 pytestmark = pytest.mark.integration

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, DesiredAdapter, DesiredAdapters
 from kubelora_server.agent.fetch import fetch_and_check

@@ -41,7 +41,6 @@ def tiny_assets() -> Assets:
     import atexit
 
     from kubelora_server.testing import make_adapter
-
     from tests.tinymodel import build_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="kubelora-serving-"))
@@ -57,6 +56,7 @@ class InProcessEngine:
 
     def __init__(self, argv: list[str], allow_runtime_lora: bool = True) -> None:
         import uvicorn
+
         from kubelora_server.engine.app import create_app
         from kubelora_server.engine.config import parse_args
         from kubelora_server.engine.host import ModelHost
@@ -263,6 +263,7 @@ def test_load_inplace_swaps_the_weights_under_the_same_name(client: httpx.Client
 
 def test_runtime_lora_routes_need_the_env_switch(engine: InProcessEngine) -> None:
     from fastapi.testclient import TestClient
+
     from kubelora_server.engine.app import create_app
 
     closed = TestClient(create_app(engine.host, allow_runtime_lora=False))

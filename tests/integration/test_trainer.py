@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from kubelora.api.digest import DigestMismatchError
 from kubelora.api.runtime import MANIFEST_FILE, TrainerRunConfig
-
 from tests.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
@@ -43,11 +43,12 @@ def losses_went_down(metrics: dict[str, float]) -> bool:
 
 def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: Path) -> None:
     import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from kubelora_trainer.progress import RecordingSink
     from kubelora_trainer.publish import verify_adapter_dir
     from kubelora_trainer.train import Hooks, train
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=64)
     run = make_run(tmp_path, tiny_llama, f"file://{data}", maxSteps=20)
@@ -113,8 +114,9 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
 
 def test_qlora_trains_on_a_4bit_base(tiny_llama: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
-    from kubelora_trainer.train import Hooks, train
     from transformers import TrainerCallback
+
+    from kubelora_trainer.train import Hooks, train
 
     seen: dict[str, int] = {}
 
@@ -226,13 +228,13 @@ def test_validate_only_cli_reports_stats(tiny_llama: Path, tmp_path: Path) -> No
 def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: Path) -> None:
     """No GPU here: build the GPU plan (packing, checkpointing, paged optimizer, best model at end) and run it
     with only the CPU-impossible flags swapped, so a renamed or conflicting TRL argument fails in CI."""
-    from kubelora_trainer import mapping
-    from kubelora_trainer.data import DatasetSplits, Record
-    from kubelora_trainer.train import to_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from kubelora_trainer import mapping
+    from kubelora_trainer.data import DatasetSplits, Record
+    from kubelora_trainer.train import to_dataset
     from tests.tinymodel import sample_rows
 
     run = make_run(tmp_path, tiny_llama, "file:///unused.jsonl", maxSteps=4, saveSteps=2, evalSteps=2,
@@ -258,9 +260,10 @@ def test_template_without_generation_markers_trains_on_last_assistant_turn(tiny_
     message, so the loss still covers assistant text only (instead of failing or training on the prompt)."""
     import shutil
 
+    from transformers import AutoTokenizer
+
     from kubelora_trainer.train import Hooks, train
     from kubelora_trainer.validate import plan_loss
-    from transformers import AutoTokenizer
 
     base = tmp_path / "plain-template"
     shutil.copytree(tiny_llama, base)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from kubelora.api.runtime import TrainerRunConfig
 
+from kubelora.api.runtime import TrainerRunConfig
 from tests.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
@@ -74,9 +74,10 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tiny_llama: Path, t
     import os
     import signal
 
+    from transformers import TrainerCallback
+
     from kubelora_trainer.errors import TrainingStoppedError
     from kubelora_trainer.train import Hooks, train
-    from transformers import TrainerCallback
 
     class Terminate(TrainerCallback):  # what the kubelet does on suspend / Job deletion
         def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kubelora.api.runtime import MANIFEST_FILE, TrainerRunConfig
 
+from kubelora.api.runtime import MANIFEST_FILE, TrainerRunConfig
 from tests.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.api.runtime import ADAPTER_CACHE_DIR, DESIRED_ADAPTERS_KEY, DesiredAdapter, DesiredAdapters
 from kubelora.resources.serving_common import TEMPLATE_HASH_ANNOTATION, configmap_name, endpoint

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.handlers.adapterdeployment_agents import poll_agents
 from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed

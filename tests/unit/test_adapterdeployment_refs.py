@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterStatus
 from kubelora.api.runtime import AgentAdapterState, AgentReport, DesiredAdapter
 from kubelora.reconcile.adapterdeployment_adapters import aggregate_adapter

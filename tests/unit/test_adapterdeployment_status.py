@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from kubelora.api.adapterdeployment import AdapterDeploymentStatus
 from kubelora.api.runtime import AgentAdapterState, AgentReport
 from kubelora.reconcile.adapterdeployment_adapters import aggregate_adapter

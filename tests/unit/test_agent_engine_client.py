@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+
 from kubelora_server.agent.engine_client import (
     AdapterAlreadyLoaded,
     AdapterNotLoaded,

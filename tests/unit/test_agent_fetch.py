@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, DesiredAdapter, DesiredAdapters
 from kubelora_server.agent.fetch import (

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import httpx
 from fastapi.testclient import TestClient
+
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AgentReport, DesiredAdapter, DesiredAdapters
 from kubelora_server.agent.engine_client import EngineClient
 from kubelora_server.agent.runner import Agent
 from kubelora_server.agent.server import create_app
 from kubelora_server.agent.state import Policy, Problem, Ready, Want
-
 from tests.unit.test_agent_engine_client import FakeVllm
 
 

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from kubernetes.client import V1ConfigMap, V1ObjectMeta
+
 from kubelora.api.runtime import DESIRED_ADAPTERS_KEY, DesiredAdapter, DesiredAdapters
 from kubelora_server.agent import sources
 from kubelora_server.agent.__main__ import build_parser, make_source
 from kubelora_server.agent.sources import ConfigMapSource, FileSource, default_namespace
-from kubernetes.client import V1ConfigMap, V1ObjectMeta
 
 
 def wire(*names: str) -> str:

@@ -6,9 +6,10 @@ import copy
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.api.lorajob import LoRAJobSpec
-from pydantic import ValidationError
 
 JOB: dict[str, Any] = {
     "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AdapterManifest
 from kubelora_server.agent.compat import adapter_rank, base_model_aliases, check_compatible

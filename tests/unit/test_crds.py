@@ -8,6 +8,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.api.crdgen import all_crds, expected_files
 from kubelora.api.lorajob import LoRAJobSpec

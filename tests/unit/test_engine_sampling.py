@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kubelora_server.engine.config import parse_args
 from kubelora_server.engine.protocol import ChatCompletionRequest, CompletionRequest, EngineError
 from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.resources.lorajob_config import (

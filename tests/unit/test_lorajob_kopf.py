@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 import pytest
+
 from kubelora.handlers.lorajob_kopf import LeanDiffBaseStorage, LeanProgressStorage, install
 
 POD: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from kubelora.reconcile.lorajob_observed import (
     Observed,
     job_signal,

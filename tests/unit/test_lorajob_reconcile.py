@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob import Plan, needs_reconcile, reconcile, training_changes, with_training_fields

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from kubelora.api.runtime import TrainerResult
 from kubelora_trainer.__main__ import TERMINATION_LIMIT, main, result_json
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from kubelora.api.lorajob import DatasetSource
 from kubelora_trainer.data import check_row, check_rows, detect_format, load_splits, read_rows, split_records
 from kubelora_trainer.errors import EXIT_BAD_INPUT, InvalidDatasetError

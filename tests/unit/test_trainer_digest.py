@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kubelora.api.digest import (
     DigestMismatchError,
     adapter_files,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kubelora.api.lorajob import LoRAJobSpec, LoraSpec, QuantizationSpec, TrainingSpec
 from kubelora_trainer import mapping
 from kubelora_trainer.mapping import Device

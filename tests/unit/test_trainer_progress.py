@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import pytest
+
 from kubelora.api.lorajob import Progress
 from kubelora_trainer.progress import (
     KubeStatusSink,

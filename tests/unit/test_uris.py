@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, parse_uri
 
 

@@ -20,7 +20,6 @@ import traceback
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TRAINER_CONFIG_PATH, TrainerResult, TrainerRunConfig
-
 from kubelora_trainer.errors import EXIT_FAILED, EXIT_OK, InvalidSpecError, TrainerError
 
 log = logging.getLogger("kubelora_trainer")

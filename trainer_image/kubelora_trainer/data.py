@@ -26,7 +26,6 @@ from typing import Any
 
 from kubelora.api.lorajob import DatasetSource
 from kubelora.api.uris import ArtifactURI
-
 from kubelora_trainer.errors import InvalidDatasetError
 from kubelora_trainer.storage import Location, locate
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, parse_uri
-
 from kubelora_trainer.errors import BaseModelUnavailableError
 from kubelora_trainer.mapping import Device, Precision
 

@@ -23,7 +23,6 @@ from kubelora.api.common import now_rfc3339
 from kubelora.api.digest import EXCLUDED_DIRS, DigestMismatchError, check_files, digest_of, hash_tree
 from kubelora.api.lorajob import AdapterInfo
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, TrainerRunConfig
-
 from kubelora_trainer.storage import Location, locate
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from typing import Any
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStats
-
 from kubelora_trainer import mapping
 from kubelora_trainer.checkpoints import RemoteCheckpoints, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits

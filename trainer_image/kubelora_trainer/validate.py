@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kubelora.api.runtime import ValidationStats
-
 from kubelora_trainer.data import MAX_LISTED_PROBLEMS, DatasetSplits, Record
 from kubelora_trainer.errors import InvalidDatasetError
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import uvicorn
-from kubelora.api.runtime import ADAPTER_CACHE_DIR
 
+from kubelora.api.runtime import ADAPTER_CACHE_DIR
 from kubelora_server.agent.engine_client import EngineClient
 from kubelora_server.agent.runner import Agent
 from kubelora_server.agent.server import create_app

@@ -21,12 +21,12 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from pydantic import ValidationError
+
 from kubelora.api.digest import DigestMismatchError, check_files, digest_of
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, DesiredAdapters
 from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, parse_uri
-from pydantic import ValidationError
-
 from kubelora_server.agent.compat import check_compatible
 from kubelora_server.agent.state import Problem, Ready, Want
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AgentAdapterState, AgentReport, DesiredAdapters
-
 from kubelora_server.agent.engine_client import (
     AdapterAlreadyLoaded,
     AdapterNotLoaded,

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from kubelora.api.runtime import DESIRED_ADAPTERS_KEY, DesiredAdapters
 from pydantic import ValidationError
+
+from kubelora.api.runtime import DESIRED_ADAPTERS_KEY, DesiredAdapters
 
 log = logging.getLogger(__name__)
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"

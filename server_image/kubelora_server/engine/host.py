@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubelora.api.uris import FileURI, HfURI, PvcURI, URIError, parse_uri
 
+from kubelora.api.uris import FileURI, HfURI, PvcURI, URIError, parse_uri
 from kubelora_server.engine.config import EngineArgs
 from kubelora_server.engine.protocol import EngineError, FinishReason, model_not_found
 from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token
