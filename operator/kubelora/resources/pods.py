@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kubelora.api.common import API_VERSION, Resources
-from kubelora.api.uris import DEFAULT_PVC_ROOT, PvcURI, S3URI, HfURI, parse_uri
+from kubelora.api.uris import DEFAULT_PVC_ROOT, S3URI, HfURI, PvcURI, parse_uri
 
 Manifest = dict[str, Any]
 APP_LABEL = "app.kubernetes.io/name"
