@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         standalone=settings.peering is None,
-        peering_name=settings.peering or "kubelora",
+        peering_name=settings.peering,  # only when set: kopf makes any named peering mandatory
         liveness_endpoint=args.liveness or None,
     ))
 

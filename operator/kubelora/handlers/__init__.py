@@ -33,4 +33,5 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.mandatory = True
 
 
-from kubelora.handlers import adapterdeployment, lorajob  # noqa: E402,F401  (registers handlers)
+from kubelora.handlers import adapterdeployment as adapterdeployment  # noqa: E402  (registers handlers)
+from kubelora.handlers import lorajob as lorajob  # noqa: E402
