@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import DesiredAdapter, DesiredAdapters
 from kubelora_server.agent.state import (
@@ -21,6 +23,7 @@ from kubelora_server.agent.state import (
     on_fetched,
     on_loaded,
     plan,
+    stays_ready,
     transition,
 )
 
@@ -216,3 +219,14 @@ def test_cache_paths_in_use_include_engine_roots() -> None:
 
 def test_backoff_grows_and_is_capped() -> None:
     assert [POLICY.backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+
+
+@pytest.mark.parametrize(("was_ready", "settled", "engine", "expected"), [
+    pytest.param(False, False, EngineView(True), False, id="new-replica-waits-for-its-set"),
+    pytest.param(False, True, EngineView(True), True, id="set-settled"),
+    pytest.param(True, False, EngineView(True), True, id="serving-replica-stays-while-adding"),
+    pytest.param(True, True, EngineView(False), False, id="engine-down-takes-it-out"),
+    pytest.param(True, True, None, False, id="engine-unknown"),
+])
+def test_readiness_latch(was_ready: bool, settled: bool, engine: EngineView | None, expected: bool) -> None:
+    assert stays_ready(was_ready, settled, engine) is expected

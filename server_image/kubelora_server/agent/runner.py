@@ -46,6 +46,7 @@ from kubelora_server.agent.state import (
     on_fetched,
     on_loaded,
     plan,
+    stays_ready,
 )
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,12 @@ class Agent:
         self._wake = asyncio.Event()
         self._fetches: dict[str, asyncio.Task[None]] = {}
         self._engine_was_healthy = False
+        self._ready = False
 
     # ---- what the HTTP endpoints read -------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return is_ready(self.source.desired, self.records, self.engine_view)
+        return self._ready
 
     def alive(self) -> bool:
         """The loop stepped recently (the liveness probe restarts a wedged agent)."""
@@ -169,7 +171,9 @@ class Agent:
             for path in collect_garbage(self.cache_dir, cache_paths_in_use(self.records, self.engine_view)):
                 log.info("removed unused cache entry %s", path)
         self.metrics.observe_records(self.records.values())
-        self.metrics.ready.set(1 if self.ready() else 0)
+        self._ready = stays_ready(self._ready, is_ready(self.source.desired, self.records, self.engine_view),
+                                  self.engine_view)
+        self.metrics.ready.set(1 if self._ready else 0)
 
     # ---- actions --------------------------------------------------------------------------------------
 

@@ -236,6 +236,15 @@ def is_ready(desired: DesiredAdapters | None, records: Mapping[str, Record], eng
     return all(name in records and records[name].settled for name in (a.name for a in desired.adapters))
 
 
+def stays_ready(was_ready: bool, settled: bool, engine: EngineView | None) -> bool:
+    """Pod readiness with a latch: a new replica waits until its whole set is settled, but a serving replica
+    stays in the Service while an adapter is added or rolled (requests for that one adapter 404 briefly;
+    status shows it Loading). Only an unhealthy engine takes a serving replica out."""
+    if engine is None or not engine.healthy:
+        return False
+    return was_ready or settled
+
+
 def cache_paths_in_use(records: Mapping[str, Record], engine: EngineView | None) -> set[str]:
     """Cache directories that must survive garbage collection."""
     keep = {rec.ready.path for rec in records.values() if rec.ready is not None}
