@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from kubelora.api.adapterdeployment import AdapterState
 from kubelora_server.agent.state import Record
 
-STATES = ("Pending", "Downloading", "Loading", "Loaded", "Unloading", "Failed")
+STATES: tuple[AdapterState, ...] = get_args(AdapterState)
 
 
 class AgentMetrics:
