@@ -17,7 +17,8 @@ class ServedBaseModel(ApiModel):
     """The base model every replica serves."""
 
     uri: AnyUri
-    """pvc://, s3://, https://, hf:// or file:// location of the base model."""
+    """hf://, pvc:// or file:// location of the base model (the engines load these directly; other schemes end
+    Failed with InvalidSpec)."""
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", max_length=128)
     """The model name clients send for the base model."""
     credentials_secret_ref: SecretName | None = None
