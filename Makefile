@@ -31,7 +31,7 @@ generate: $(STAMP)
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # kube-apiserver that is built from source once and cached in ~/.cache/kubelora).
 test: lint cluster-build
-	$(BIN)/python -m pytest tests -q -rfEs --durations=15
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e -q -rfEs --durations=15
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q
