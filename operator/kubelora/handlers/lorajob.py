@@ -65,10 +65,6 @@ async def lorajob_startup(settings: kopf.OperatorSettings, logger: kopf.Logger, 
     import kubelora.handlers as package  # the package imports this module: read it at start time
 
     settings.watching.label_selectors["batch", "jobs"] = LORAJOB_LABEL
-    if settings.peering.standalone:
-        # kopf.operator(peering_name=...) also sets peering.mandatory, and a mandatory peering with no
-        # peering CRD pauses every watch stream, even in standalone mode: nothing would ever run.
-        settings.peering.mandatory = False
     lorajob_kopf.install(settings)  # same essences, fewer deep copies on every watch event
     _reconciler = Reconciler(KubeApi(settings, logger), package.SETTINGS)
 
