@@ -28,15 +28,17 @@ def expand(text: str, mapping: dict[str, str]) -> str:
     return _REF.sub(sub, text)
 
 
-def _get(kube: Kube, namespace: str, kind: str, name: str, optional: bool) -> Obj | None:
+def get_object(kube: Kube, namespace: str, kind: str, name: str, optional: bool,
+               missing: str = "CreateContainerConfigError") -> Obj | None:
+    """A namespaced core object, None if optional and absent; otherwise absence is a ConfigError(missing)."""
     try:
         return kube.get(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
     except KubeError as e:
         if e.status == 404:
             if optional:
                 return None
-            singular = "secret" if kind == "secrets" else "configmap"
-            raise ConfigError("CreateContainerConfigError", f'{singular} "{name}" not found') from e
+            waiting = " (waiting for it)" if missing == "ContainerCreating" else ""
+            raise ConfigError(missing, f'{kind.rstrip("s")} "{name}" not found{waiting}') from e
         raise
 
 
@@ -59,7 +61,7 @@ def object_data(obj: Obj) -> dict[str, bytes]:
 def key_value(kube: Kube, namespace: str, kind: str, ref: Obj) -> str | None:
     """Value of a secretKeyRef/configMapKeyRef (None if optional and absent)."""
     optional = bool(ref.get("optional"))
-    obj = _get(kube, namespace, kind, ref["name"], optional)
+    obj = get_object(kube, namespace, kind, ref["name"], optional)
     if obj is None:
         return None
     data = object_data(obj)
@@ -127,7 +129,7 @@ def container_env(
     for src in container.get("envFrom") or []:
         prefix = src.get("prefix", "")
         kind, ref = ("configmaps", src["configMapRef"]) if "configMapRef" in src else ("secrets", src["secretRef"])
-        obj = _get(kube, namespace, kind, ref["name"], bool(ref.get("optional")))
+        obj = get_object(kube, namespace, kind, ref["name"], bool(ref.get("optional")))
         for k, v in object_data(obj or {}).items():
             declared[prefix + k] = v.decode("utf-8", "replace")
     for var in container.get("env") or []:

@@ -14,9 +14,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..kube import Kube, KubeError
+from ..kube import Kube
 from .context import ConfigError, Obj, RunnerContext
-from .envvars import field_value, object_data
+from .envvars import field_value, get_object, object_data
 
 FILE_VOLUMES = ("configMap", "secret", "downwardAPI", "projected")
 
@@ -31,15 +31,8 @@ class Mount:
 
 
 def _fetch(kube: Kube, namespace: str, kind: str, name: str, optional: bool) -> Obj | None:
-    try:
-        return kube.get(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
-    except KubeError as e:
-        if e.status == 404:
-            if optional:
-                return None
-            singular = "secret" if kind == "secrets" else "configmap"
-            raise ConfigError("ContainerCreating", f'{singular} "{name}" not found (waiting for it)') from e
-        raise
+    # A missing volume source keeps the pod ContainerCreating (the kubelet retries), unlike a missing env source.
+    return get_object(kube, namespace, kind, name, optional, missing="ContainerCreating")
 
 
 def _select(data: dict[str, bytes], items: list[Obj] | None, optional: bool, what: str) -> dict[str, bytes]:
