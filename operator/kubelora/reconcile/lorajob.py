@@ -120,10 +120,14 @@ def pydantic_message(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+def describe_changes(changes: list[str]) -> str:
+    """The changed paths for a message: at most five, then a count."""
+    return ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
+
+
 def _immutable_message(changes: list[str], revision: int) -> str:
-    shown = ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
-    return (f"{shown} changed after training of revision {revision} started; the run keeps the values it "
-            "started with. The change starts a new run when this one ends; revert it to keep only this "
+    return (f"{describe_changes(changes)} changed after training of revision {revision} started; the run keeps "
+            "the values it started with. The change starts a new run when this one ends; revert it to keep only this "
             "run, or delete and re-create the LoRAJob to start over now")
 
 
