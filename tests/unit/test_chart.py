@@ -70,3 +70,24 @@ def test_ha_uses_peering(values: tuple[str, ...]) -> None:
     assert deployment["spec"]["replicas"] == 2
     assert "--peering=kubelora" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"] == ["kubelora"]
+
+
+@pytest.mark.parametrize("enabled", [pytest.param(False, id="webhook-off"), pytest.param(True, id="webhook-on")])
+def test_webhook_is_opt_in(enabled: bool) -> None:
+    docs = render(f"webhook.enabled={str(enabled).lower()}")
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert ("--webhook=cluster" in container["args"]) is enabled
+    services = [d for d in docs if d["kind"] == "Service"]
+    discovery = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-discovery"))
+    webhook_rules = [r for r in discovery["rules"] if "admissionregistration.k8s.io" in r["apiGroups"]]
+    if not enabled:
+        assert services == [] and webhook_rules == []
+        return
+    [service] = services
+    assert service["metadata"]["name"] == "kl-operator-webhook" and service["spec"]["ports"][0]["port"] == 443
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["KUBELORA_WEBHOOK_SERVICE"] == "kubelora-system/kl-operator-webhook"
+    assert {"name": "webhook", "containerPort": 9443} in container["ports"]
+    assert webhook_rules == [{"apiGroups": ["admissionregistration.k8s.io"],
+                              "resources": ["validatingwebhookconfigurations"],
+                              "verbs": ["get", "list", "watch", "create", "patch"]}]
