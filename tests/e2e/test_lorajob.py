@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kubelora.api.digest import adapter_files, digest_of, file_sha256
-from tests.tinymodel import build_tiny_model, write_chat_dataset
+from kubelora_local.tinymodel import build_tiny_model, write_chat_dataset
 
 from .conftest import LocalCluster
 from .operator_fixture import OperatorProcess
@@ -156,6 +156,9 @@ def test_trains_publishes_and_reports_progress(env: Env) -> None:
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
 
     assert [j["metadata"]["name"] for j in env.children("jobs", "bot")] == ["bot-train-1", "bot-validate-1"]
+    # kopf posts Events asynchronously after the status patch, so the last one may trail it a little.
+    env.cluster.wait_for(lambda: {"Succeeded"} <= {e["reason"] for e in env.events("bot")}, timeout=15,
+                         what="the Succeeded event")
     reasons = [e["reason"] for e in env.events("bot")]
     assert {"Validating", "Running", "Succeeded"} <= set(reasons), reasons
 
