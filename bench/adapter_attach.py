@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
-    from tests.tinymodel import build_tiny_model
+    from kubelora_local.tinymodel import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="kubelora-bench-attach-"))
     base = build_tiny_model(work / "base", hidden_size=args.hidden_size)

@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.tinymodel import build_tiny_model, sample_rows
+from kubelora_local.tinymodel import build_tiny_model, sample_rows
 
 ARMS = ("seed", "seed-matched", "ours", "ours-padding-free")
 

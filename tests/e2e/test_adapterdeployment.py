@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.tinymodel import build_tiny_model, write_chat_dataset
+from kubelora_local.tinymodel import build_tiny_model, write_chat_dataset
 
 from .conftest import LocalCluster
 

@@ -18,13 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~100k-parameter random Llama with a chat tokenizer (built once per session, ~0.5 s)."""
-    from tests.tinymodel import build_tiny_model
+    from kubelora_local.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.tinymodel import build_tiny_model
+    from kubelora_local.tinymodel import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2")

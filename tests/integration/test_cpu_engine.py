@@ -40,8 +40,8 @@ def tiny_assets() -> Assets:
     """One tiny model and a few adapters per test process (shared with the agent's integration tests)."""
     import atexit
 
+    from kubelora_local.tinymodel import build_tiny_model
     from kubelora_server.testing import make_adapter
-    from tests.tinymodel import build_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="kubelora-serving-"))
     atexit.register(shutil.rmtree, root, True)

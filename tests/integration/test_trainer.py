@@ -14,7 +14,7 @@ import pytest
 
 from kubelora.api.digest import DigestMismatchError
 from kubelora.api.runtime import MANIFEST_FILE, TrainerRunConfig
-from tests.tinymodel import write_chat_dataset
+from kubelora_local.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -232,10 +232,10 @@ def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: P
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from kubelora_local.tinymodel import sample_rows
     from kubelora_trainer import mapping
     from kubelora_trainer.data import DatasetSplits, Record
     from kubelora_trainer.train import to_dataset
-    from tests.tinymodel import sample_rows
 
     run = make_run(tmp_path, tiny_llama, "file:///unused.jsonl", maxSteps=4, saveSteps=2, evalSteps=2,
                    gradientCheckpointing=True, optimizer="paged_adamw_32bit")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kubelora.api.runtime import MANIFEST_FILE, TrainerRunConfig
-from tests.tinymodel import write_chat_dataset
+from kubelora_local.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
 

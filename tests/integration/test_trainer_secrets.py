@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kubelora.api.runtime import TrainerRunConfig
-from tests.tinymodel import write_chat_dataset
+from kubelora_local.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
 TOKEN = "hf_kubelora_test_token_must_not_leak_8d1f"
