@@ -35,7 +35,7 @@ def main() -> None:
         state = Path(tempfile.mkdtemp(prefix="bench-", dir=cache_root() / "e2e"))
         try:
             started = time.monotonic()
-            cluster.up(state, args.crds, build_if_missing=False, pod_subnet=f"127.250.{i + 1}")
+            cluster.up(state, args.crds, build_if_missing=False, pod_subnet=f"10.250.{i + 1}")
             ups.append(time.monotonic() - started)
             started = time.monotonic()
             cluster.down(state)

@@ -32,11 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start a fresh cluster (builds the binaries first if needed)")
     p_up.add_argument("--crds", type=Path, default=None, help="directory of CRD YAMLs (default: repo crds/)")
     p_up.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
-    p_up.add_argument("--pod-subnet", default="127.0.0", help="pods get <subnet>.2 .. .254 (default 127.0.0)")
-    sub.add_parser("down", help="stop the runner, controller-manager, apiserver and etcd")
+    p_up.add_argument(
+        "--pod-subnet", default=cluster.DEFAULT_SUBNET, help="pods get <subnet>.2 .. .254 (default %(default)s)"
+    )
+    p_up.add_argument("--gpus", type=int, default=0, help="nvidia.com/gpu capacity the node offers (default 0)")
+    sub.add_parser("down", help="stop the runner, CoreDNS, scheduler, controller-manager, apiserver and etcd")
     sub.add_parser("status", help="show component PIDs and readiness (exit 1 if not ready)")
-    p_build = sub.add_parser("build", help="build and cache kube-apiserver/kube-controller-manager (~6.5 min)")
+    p_build = sub.add_parser("build", help="build and cache the cluster's binaries from Go modules (~12 min once)")
     p_build.add_argument("--force", action="store_true")
+    p_build.add_argument("programs", nargs="*", help=f"default: {' '.join(build.CLUSTER)}; also kstatus, kueue")
+    p_build.add_argument("--all", action="store_true", help="every program, the tests' neighbours included")
     sub.add_parser("env", help="print `export KUBECONFIG=...` for eval")
     p_logs = sub.add_parser("logs", help="print a container's log")
     p_logs.add_argument("namespace")
@@ -46,10 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     state = args.state_dir or default_state_dir()
 
     if args.cmd == "build":
-        print(build.build(force=args.force))
+        names = tuple(build.PROGRAMS) if args.all else tuple(args.programs) or build.CLUSTER
+        for name, path in build.build(names, force=args.force).items():
+            print(f"{name}\t{path}")
     elif args.cmd == "up":
         started = time.monotonic()
-        info = cluster.up(state, args.crds, build_if_missing=not args.no_build, pod_subnet=args.pod_subnet)
+        info = cluster.up(
+            state, args.crds, build_if_missing=not args.no_build, pod_subnet=args.pod_subnet, gpus=args.gpus
+        )
         print(f"cluster ready in {time.monotonic() - started:.1f} s: {info.server}", file=sys.stderr)
         print(f"export KUBECONFIG={info.kubeconfig}")
     elif args.cmd == "down":

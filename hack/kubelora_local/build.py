@@ -1,73 +1,100 @@
-"""Build kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's source package.
+"""Build the local cluster's Go programs from Go modules and cache them by version.
 
-No registry we can reach ships Kubernetes server binaries, but Debian's `kubernetes` source
-package builds offline with Debian's Go 1.19 (see /work/shared/notes/k8s-local-apiserver.md).
-The build takes ~6.5 min on 2 cores, so the two binaries are cached and every later `up` reuses
-them. Only stdlib is used here so that the build can run before the virtualenv exists.
+Each program has a small Go module under `hack/` that pins the upstream release (k8s.io/kubernetes
+v1.37.2 with its staging modules re-pointed at v0.37.2, etcd v3.7.3, CoreDNS, cli-utils' kstatus,
+Kueue). `go build -trimpath` builds it once into `<cache>/bin/<program>-<version>-<digest>/`; the
+digest covers the module's go.mod, go.sum and sources, so editing a module rebuilds only that
+program. Go's own module and build caches make a rebuild after a cache wipe quick. Only stdlib is
+used here so that the build can run before the virtualenv exists.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import cache_root
+from .paths import cache_root, repo_root
 
-K8S_VERSION = "v1.20.2"
-K8S_COMMIT = "faecb196815e248d3ecfb03c680a4507229c2a56"
-SOURCE_PKG = "kubernetes=1.20.5+really1.20.2-1.1+deb12u1"
-SOURCE_DIR = "kubernetes-1.20.5+really1.20.2"
-BINARIES = ("kube-apiserver", "kube-controller-manager")
-APT_PACKAGES = (
-    "golang-go",
-    "rsync",
-    "etcd-server",
-    "dpkg-dev",
-    "golang-github-modern-go-reflect2-dev",
-)
-RUNTIME_APT_PACKAGES = ("etcd-server", "openssl", "util-linux")
-REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
-DEB_SRC_FILE = Path("/etc/apt/sources.list.d/debian-src.sources")
-DEB_SRC = """\
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-# The GC re-reads discovery every 30 s (hard-coded); 2 s makes GC of late-added CRDs' dependents quick.
-GC_SYNC_OLD = "garbageCollector.Sync(gcClientset.Discovery(), 30*time.Second"
-GC_SYNC_NEW = "garbageCollector.Sync(gcClientset.Discovery(), 2*time.Second"
+K8S_VERSION = "v1.37.2"
+RUNTIME_APT_PACKAGES = ("openssl", "util-linux")
+_K8S_VERSION_PKG = "k8s.io/component-base/version"
 
 
-def bin_dir() -> Path:
-    """Where the cached binaries live: `<cache>/k8s-v1.20.2/bin`."""
-    return cache_root() / f"k8s-{K8S_VERSION}" / "bin"
+@dataclass(frozen=True)
+class Program:
+    """One binary: the Go module that builds it, the package path and the release it pins."""
+
+    name: str
+    module: str  # directory under hack/
+    package: str
+    version: str
+    ldflags: tuple[str, ...] = ()
+
+    @property
+    def module_dir(self) -> Path:
+        return repo_root() / "hack" / self.module
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(self.module_dir.iterdir()):
+            if f.suffix == ".go" or f.name in {"go.mod", "go.sum"}:
+                h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        return h.hexdigest()[:12]
+
+    def path(self) -> Path:
+        return cache_root() / "bin" / f"{self.name}-{self.version}-{self.digest()}" / self.name
 
 
-def binaries_present() -> bool:
-    """True when both server binaries are cached and executable."""
-    return all(os.access(bin_dir() / name, os.X_OK) for name in BINARIES)
+def _k8s(name: str) -> Program:
+    v = K8S_VERSION
+    # /version and `kubectl version` report what the binary is, not v0.0.0-master.
+    flags = ("gitVersion=" + v, "gitMajor=1", "gitMinor=" + v.split(".")[1], "gitTreeState=clean")
+    ldflags = tuple(f"{_K8S_VERSION_PKG}.{f}" for f in flags)
+    return Program(name, "kubernetes", f"k8s.io/kubernetes/cmd/{name}", v, ldflags)
+
+
+PROGRAMS: dict[str, Program] = {
+    p.name: p
+    for p in (
+        _k8s("kube-apiserver"),
+        _k8s("kube-controller-manager"),
+        _k8s("kube-scheduler"),
+        Program("etcd", "etcd", ".", "v3.7.3"),
+        Program("coredns", "coredns", ".", "v1.15.0"),
+        Program("kstatus", "kstatus", ".", "v0.37.2"),
+        Program("kueue", "kueue", "sigs.k8s.io/kueue/cmd/kueue", "v0.17.0"),
+    )
+}
+# What `up` needs; kstatus and Kueue are built on demand by the tests that use them.
+CLUSTER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns")
+
+
+def binary(name: str) -> Path:
+    """The cached binary of `name` (it may not exist yet: see `build`)."""
+    return PROGRAMS[name].path()
+
+
+def binaries_present(names: tuple[str, ...] = CLUSTER) -> bool:
+    """True when every binary in `names` is cached and executable."""
+    return all(os.access(binary(n), os.X_OK) for n in names)
 
 
 def _log(msg: str) -> None:
     print(f"[kubelora-local build] {msg}", file=sys.stderr, flush=True)
 
 
-def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
-    _log("$ " + " ".join(cmd))
-    subprocess.run(cmd, cwd=cwd, env=env, check=True)
+def _go() -> str:
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
+    if go is None:
+        raise RuntimeError("building the local cluster needs Go 1.26 (`go` on PATH); see the README")
+    return go
 
 
 def _apt_env() -> dict[str, str]:
@@ -84,79 +111,51 @@ def _missing_packages(packages: tuple[str, ...]) -> list[str]:
 
 
 def ensure_runtime_packages() -> None:
-    """Install etcd/openssl/unshare if absent: `up` needs them even when the binaries are cached."""
+    """Install openssl/unshare if absent: `up` needs them even when the binaries are cached."""
     missing = _missing_packages(RUNTIME_APT_PACKAGES)
     if missing:
-        _run(["apt-get", "update"], env=_apt_env())
-        _run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=_apt_env())
+        subprocess.run(["apt-get", "update"], env=_apt_env(), check=True)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=_apt_env(), check=True)
 
 
-def _ensure_build_packages() -> None:
-    """deb-src entries, Go, and Debian's reflect2 1.0.2 (the vendored 1.0.1 segfaults with Go 1.19)."""
-    need_update = False
-    if not DEB_SRC_FILE.exists():
-        DEB_SRC_FILE.write_text(DEB_SRC)
-        need_update = True
-    missing = _missing_packages(APT_PACKAGES)
-    if need_update or missing:
-        _run(["apt-get", "update"], env=_apt_env())
-    if missing:
-        _run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=_apt_env())
+def _build_group(programs: list[Program]) -> None:
+    """One `go build` per module: the programs of a module share its compiled packages."""
+    module = programs[0].module_dir
+    with tempfile.TemporaryDirectory(prefix="kubelora-build-", dir=str(cache_root())) as tmp:
+        ldflags = " ".join(["-s", "-w", *(f"-X {f}" for f in programs[0].ldflags)])
+        pkgs = [p.package for p in programs]
+        # -o DIR with several packages writes one binary each; with one package "." it writes DIR/<module name>.
+        out = tmp + "/" if len(pkgs) > 1 else f"{tmp}/{programs[0].name}"
+        env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
+        cmd = [_go(), "build", "-trimpath", f"-ldflags={ldflags}", "-o", out, *pkgs]
+        _log(f"{module.name}: go build {' '.join(pkgs)}")
+        subprocess.run(cmd, cwd=module, env=env, check=True)
+        for p in programs:
+            dest = p.path()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp_dest = dest.with_name(f".{p.name}.tmp")
+            shutil.copy2(Path(tmp) / p.name, tmp_dest)
+            tmp_dest.chmod(0o755)
+            tmp_dest.rename(dest)  # atomic: a half-copied binary never looks cached
 
 
-def _prepare_tree(work: Path) -> Path:
-    """Fetch the source, swap reflect2, patch the GC resync period, write version.env."""
-    _run(["apt-get", "source", "-q", SOURCE_PKG], cwd=work)
-    tree = work / SOURCE_DIR
-    vendored = tree / "vendor/github.com/modern-go/reflect2"
-    shutil.rmtree(vendored)
-    shutil.copytree(REFLECT2_SRC, vendored)
-    core = tree / "cmd/kube-controller-manager/app/core.go"
-    text = core.read_text()
-    if GC_SYNC_OLD not in text:
-        raise RuntimeError(f"GC patch target not found in {core}")
-    core.write_text(text.replace(GC_SYNC_OLD, GC_SYNC_NEW))
-    (work / "version.env").write_text(
-        f"KUBE_GIT_VERSION={K8S_VERSION}\nKUBE_GIT_MAJOR=1\nKUBE_GIT_MINOR=20\n"
-        f"KUBE_GIT_TREE_STATE=clean\nKUBE_GIT_COMMIT={K8S_COMMIT}\n"
-    )
-    return tree
-
-
-def build(force: bool = False, keep_tree: bool = False) -> Path:
-    """Build (or reuse) the binaries; returns the cache bin dir. Idempotent and safe to rerun."""
-    out = bin_dir()
-    if binaries_present() and not force:
-        _log(f"cached binaries in {out}")
-        return out
-    if os.geteuid() != 0:
-        raise RuntimeError("building needs root (apt-get); run `kubelora-local build` as root once")
-    started = time.monotonic()
-    _ensure_build_packages()
-    work = Path(tempfile.mkdtemp(prefix="k8s-build-", dir=str(cache_root())))
-    try:
-        tree = _prepare_tree(work)
-        env = {k: v for k, v in os.environ.items() if k not in {"GOFLAGS", "GOPATH", "GOCACHE", "GO111MODULE"}}
-        _run(
-            [
-                "make",
-                "WHAT=cmd/kube-apiserver cmd/kube-controller-manager",
-                f"KUBE_GIT_VERSION_FILE={work / 'version.env'}",
-            ],
-            cwd=tree,
-            env=env,
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        for name in BINARIES:
-            tmp = out / f".{name}.tmp"
-            shutil.copy2(tree / "_output/bin" / name, tmp)
-            tmp.chmod(0o755)
-            tmp.rename(out / name)  # atomic: a half-copied binary never looks cached
-    finally:
-        if not keep_tree:
-            shutil.rmtree(work, ignore_errors=True)
-    _log(f"built in {time.monotonic() - started:.0f} s -> {out}")
-    return out
+def build(names: tuple[str, ...] = CLUSTER, force: bool = False) -> dict[str, Path]:
+    """Build (or reuse) the binaries in `names`; returns name -> path. Idempotent and safe to rerun."""
+    todo = [PROGRAMS[n] for n in names if force or not os.access(binary(n), os.X_OK)]
+    groups: dict[str, list[Program]] = {}
+    for p in todo:
+        groups.setdefault(p.module, []).append(p)
+    total = time.monotonic()
+    for i, group in enumerate(groups.values(), 1):
+        started = time.monotonic()
+        _log(f"[{i}/{len(groups)}] building {', '.join(p.name for p in group)} {group[0].version}")
+        _build_group(group)
+        _log(f"[{i}/{len(groups)}] done in {time.monotonic() - started:.0f} s")
+    if todo:
+        _log(f"built {len(todo)} binaries in {time.monotonic() - total:.0f} s -> {cache_root() / 'bin'}")
+    else:
+        _log(f"cached: {', '.join(names)} in {cache_root() / 'bin'}")
+    return {n: binary(n) for n in names}
 
 
 if __name__ == "__main__":

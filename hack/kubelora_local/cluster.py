@@ -1,10 +1,10 @@
-"""Bring a local Kubernetes v1.20.2 control plane + pod runner up and down.
+"""Bring a local Kubernetes v1.37 control plane, its DNS and the pod runner up and down.
 
-Order matters (see /work/shared/notes/k8s-local-apiserver.md):
-PKI -> etcd -> apiserver -> /readyz -> kubeconfig -> CRDs -> controller-manager -> SA default/default
-with its token Secret -> pod runner -> Node Ready. CRDs go in before the controller-manager so that
-its garbage collector knows them from the start; pods are rejected by the ServiceAccount admission
-plugin until default/default has a token, so `up` only returns once that exists.
+Order matters: PKI -> etcd -> apiserver -> /readyz -> kubeconfig -> CRDs -> controller-manager ->
+SA default/default and the kube-root-ca.crt ConfigMap -> scheduler -> CoreDNS -> pod runner (the
+node) -> Node Ready. CRDs go in before the controller-manager so that its garbage collector knows
+them from the start (it re-reads discovery only every 30 s); pods are rejected by the
+ServiceAccount admission plugin until default/default exists, so `up` only returns once it does.
 Every `up` is a fresh cluster (new PKI, empty etcd, empty PVC dirs); binaries are cached.
 """
 
@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,15 @@ import yaml
 
 from . import build, pki, processes
 from .kube import Credentials, Kube, KubeError
+from .network import PodNetwork, delete_netns
 from .paths import default_state_dir, repo_root
+from .runner import provisioner
 
 NODE_NAME = "local-node"
+CLUSTER_DOMAIN = "cluster.local"
+DEFAULT_SUBNET = "10.244.0"
 # Stop order: the runner first (it kills pod processes), etcd last.
-COMPONENTS = ("runner", "kube-controller-manager", "kube-apiserver", "etcd")
+COMPONENTS = ("runner", "coredns", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 # Sub-directories of the state dir that `up` wipes: the rest (if any) belongs to the user.
 FRESH_DIRS = ("pki", "etcd", "run", "logs", "pvcs", "pods")
 
@@ -51,7 +56,17 @@ class ClusterInfo:
     ca_file: str
     apiserver_port: int
     etcd_port: int
-    pod_subnet: str = "127.0.0"  # pods get <pod_subnet>.2 .. .254
+    pod_subnet: str = DEFAULT_SUBNET  # pods get <pod_subnet>.2 .. .254; .1 is the node (see network.py)
+    gpus: int = 0  # the node's nvidia.com/gpu capacity, so GPU requests schedule or stay Pending for real
+
+    @property
+    def node_ip(self) -> str:
+        """The node's (the bridge's) address: the API server and CoreDNS listen there."""
+        return PodNetwork(self.pod_subnet).gateway
+
+    @property
+    def dns_ip(self) -> str:
+        return self.node_ip
 
     @property
     def credentials(self) -> Credentials:
@@ -148,7 +163,14 @@ def apply_crds(kube: Kube, crd_dir: Path, timeout: float = 30.0) -> list[str]:
 
 
 def _default_sa_ready(kube: Kube) -> bool:
-    return bool(kube.get("/api/v1/namespaces/default/serviceaccounts/default").get("secrets"))
+    try:
+        kube.get("/api/v1/namespaces/default/serviceaccounts/default")
+        kube.get("/api/v1/namespaces/default/configmaps/kube-root-ca.crt")  # every pod's token volume needs it
+    except KubeError as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
 
 
 def _node_ready(kube: Kube) -> bool:
@@ -173,7 +195,8 @@ def up(
     crd_dir: Path | None = None,
     build_if_missing: bool = True,
     timeout: float = 90.0,
-    pod_subnet: str = "127.0.0",
+    pod_subnet: str = DEFAULT_SUBNET,
+    gpus: int = 0,
 ) -> ClusterInfo:
     """Start a fresh cluster and return once Pods can run on the local node.
 
@@ -186,26 +209,28 @@ def up(
     down(state)
     if not build.binaries_present():
         if not build_if_missing:
-            raise ClusterError(f"no cached binaries in {build.bin_dir()}; run `kubelora-local build`")
+            raise ClusterError("the cluster's binaries are not cached; run `kubelora-local build`")
         build.build()
-    if not shutil.which("etcd") or not shutil.which("unshare"):
+    if not shutil.which("openssl") or not shutil.which("unshare"):
         build.ensure_runtime_packages()
 
     try:
-        return _start(state, crds, timeout, pod_subnet)
+        return _start(state, crds, timeout, pod_subnet, gpus)
     except BaseException:
         down(state)  # never leave half a cluster behind; logs stay in <state>/run
         raise
 
 
-def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterInfo:
-    bins = build.bin_dir()
+def _start(state: Path, crds: Path, timeout: float, pod_subnet: str, gpus: int) -> ClusterInfo:
     state.mkdir(parents=True, exist_ok=True)
     for sub in FRESH_DIRS:
         shutil.rmtree(state / sub, ignore_errors=True)
     run = state / "run"
     run.mkdir()
-    keys = pki.generate(state / "pki")
+    network = PodNetwork(pod_subnet)
+    (run / "subnet").write_text(pod_subnet)  # first, so that `down` finds the bridge whatever happens next
+    network.create_bridge()
+    keys = pki.generate(state / "pki", extra_ips=[network.gateway])
     etcd_port, peer_port, api_port = processes.free_port(), processes.free_port(), processes.free_port()
     etcd_dir = state / "etcd"
     etcd_dir.mkdir(mode=0o700)
@@ -219,13 +244,14 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
         f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
         f"--initial-cluster=kubelora=http://127.0.0.1:{peer_port}",
         "--log-level=warn",
+        "--unsafe-no-fsync",  # a throwaway test cluster: fsync only costs time
     ]
-    processes.spawn("etcd", ["etcd", *etcd], run)
+    processes.spawn("etcd", [str(build.binary("etcd")), *etcd], run)
     apiserver = [
         f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-        "--bind-address=127.0.0.1",
+        f"--bind-address={network.gateway}",  # the node's address: host clients and pods alike
         f"--secure-port={api_port}",
-        "--advertise-address=127.0.0.1",
+        f"--advertise-address={network.gateway}",
         f"--tls-cert-file={keys.server_crt}",
         f"--tls-private-key-file={keys.server_key}",
         f"--client-ca-file={keys.ca_crt}",
@@ -238,10 +264,12 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
         "--endpoint-reconciler-type=none",  # else it logs "loopback range" errors every 10 s
         "--allow-privileged=true",
         "--profiling=false",
+        # Webhooks behind a Service are called at an endpoint's pod IP: there is no kube-proxy.
+        "--enable-aggregator-routing=true",
     ]
-    processes.spawn("kube-apiserver", [str(bins / "kube-apiserver"), *apiserver], run)
+    processes.spawn("kube-apiserver", [str(build.binary("kube-apiserver")), *apiserver], run)
 
-    server = f"https://127.0.0.1:{api_port}"
+    server = f"https://{network.gateway}:{api_port}"
     info = ClusterInfo(
         state_dir=str(state),
         kubeconfig=str(state / "kubeconfig"),
@@ -251,18 +279,19 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
         apiserver_port=api_port,
         etcd_port=etcd_port,
         pod_subnet=pod_subnet,
+        gpus=gpus,
     )
     kube = info.client()
     _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "/readyz")
     _write_kubeconfig(Path(info.kubeconfig), server, keys.ca_crt, keys.admin_token)
     (state / "cluster.json").write_text(json.dumps(asdict(info), indent=2))
     apply_crds(kube, crds)
+    kube.create("/apis/storage.k8s.io/v1/storageclasses", provisioner.storage_class())
 
     kcm = [
         f"--kubeconfig={info.kubeconfig}",
         "--leader-elect=false",
-        "--port=0",  # no fixed *:10252 / *:10257 listeners, so several clusters can coexist
-        "--secure-port=0",
+        "--secure-port=0",  # no fixed *:10257 listener, so several clusters can coexist
         f"--flex-volume-plugin-dir={run / 'flexvolume'}",  # else it creates /usr/libexec/kubernetes/...
         f"--service-account-private-key-file={keys.sa_key}",  # runs the SA token controller
         f"--root-ca-file={keys.ca_crt}",
@@ -271,8 +300,17 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
         "--kube-api-qps=200",
         "--kube-api-burst=400",
     ]
-    processes.spawn("kube-controller-manager", [str(bins / "kube-controller-manager"), *kcm], run)
-    _wait(run, "kube-controller-manager", lambda: _default_sa_ready(kube), timeout, "SA default token")
+    processes.spawn("kube-controller-manager", [str(build.binary("kube-controller-manager")), *kcm], run)
+    _wait(run, "kube-controller-manager", lambda: _default_sa_ready(kube), timeout, "SA default/default")
+    scheduler = [
+        f"--kubeconfig={info.kubeconfig}",
+        "--leader-elect=false",
+        "--secure-port=0",  # no fixed *:10259 listener
+        "--kube-api-qps=200",
+        "--kube-api-burst=400",
+    ]
+    processes.spawn("kube-scheduler", [str(build.binary("kube-scheduler")), *scheduler], run)
+    _start_dns(info, run, timeout)
 
     runner_env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     processes.spawn(
@@ -285,6 +323,35 @@ def _start(state: Path, crds: Path, timeout: float, pod_subnet: str) -> ClusterI
     return info
 
 
+def _start_dns(info: ClusterInfo, run: Path, timeout: float) -> None:
+    """CoreDNS with the kubernetes plugin on <subnet>.254:53, what every pod's resolv.conf names."""
+    ready_port = processes.free_port()
+    corefile = run / "Corefile"
+    corefile.write_text(
+        f""".:53 {{
+    bind {info.dns_ip}
+    ready 127.0.0.1:{ready_port}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {info.kubeconfig} kubelora-local
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+}}
+"""
+    )
+    processes.spawn("coredns", [str(build.binary("coredns")), "-conf", str(corefile)], run)
+    _wait(run, "coredns", lambda: _http_ok(f"http://127.0.0.1:{ready_port}/ready"), timeout, "CoreDNS ready")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
 def down(state_dir: Path | None = None) -> list[str]:
     """Stop every component by PID (runner, KCM, apiserver, etcd); returns the ones that ran."""
     state = Path(state_dir or default_state_dir())
@@ -295,6 +362,8 @@ def down(state_dir: Path | None = None) -> list[str]:
             stopped.append(name)
         if name == "runner":
             _kill_leftover_containers(state)
+    with contextlib.suppress(FileNotFoundError):
+        PodNetwork((run / "subnet").read_text().strip()).delete_bridge()
     return stopped
 
 
@@ -306,6 +375,8 @@ def _kill_leftover_containers(state: Path) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
         pid_file.unlink(missing_ok=True)
+    for netns_file in (state / "pods").glob("*/*/netns"):
+        delete_netns(netns_file.read_text().strip())
 
 
 def status(state_dir: Path | None = None) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A tiny JSON REST client for the local API server (urllib3, plain dicts).
 
 Why not the `kubernetes` package: its v37 models are strict pydantic classes that reject objects
-the 1.20 server legitimately returns (e.g. Events with a null eventTime), it reads KUBECONFIG at
+the server legitimately returns (e.g. Events with a null eventTime), it reads KUBECONFIG at
 import time, and importing it costs ~1 s. The runner and the cluster bring-up only need a handful of
 verbs on plain JSON, so a ~100-line client is simpler and more robust.
 """
@@ -9,7 +9,10 @@ verbs on plain JSON, so a ~100-line client is simpler and more robust.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -17,6 +20,7 @@ from urllib.parse import urlencode
 import urllib3
 
 JSON = dict[str, Any]
+log = logging.getLogger("kubelora.local")
 
 
 class KubeError(RuntimeError):
@@ -108,9 +112,12 @@ class Kube:
     def delete(self, path: str, body: JSON | None = None) -> JSON:
         return self.request("DELETE", path, body)
 
-    def watch(self, path: str, resource_version: str, timeout_seconds: int = 240) -> Iterator[JSON]:
+    def watch(
+        self, path: str, resource_version: str, timeout_seconds: int = 240, params: dict[str, str] | None = None
+    ) -> Iterator[JSON]:
         """Yield watch events ({type, object}) until the server closes the stream."""
         params = {
+            **(params or {}),
             "watch": "1",
             "resourceVersion": resource_version,
             "timeoutSeconds": str(timeout_seconds),
@@ -136,3 +143,29 @@ class Kube:
                         yield json.loads(line)
         finally:
             resp.release_conn()
+
+
+def list_watch(
+    kube: Kube, path: str, handle: Callable[[str, JSON], None], stop: threading.Event, **params: str
+) -> None:
+    """List, then watch `path`, calling `handle(event_type, obj)` ("SYNC" for listed objects) until `stop`."""
+    while not stop.is_set():
+        try:
+            listing = kube.get(path, **params)
+            for obj in listing.get("items") or []:
+                handle("SYNC", obj)
+            rv = listing["metadata"]["resourceVersion"]
+            while not stop.is_set():
+                for event in kube.watch(path, rv, params=params):
+                    obj = event["object"]
+                    if event["type"] == "ERROR":
+                        raise KubeError(int(obj.get("code", 500)), str(obj), f"watch {path}")
+                    rv = obj["metadata"]["resourceVersion"]
+                    if event["type"] != "BOOKMARK":
+                        handle(event["type"], obj)
+        except Exception as e:
+            if stop.is_set():
+                return
+            if not (isinstance(e, KubeError) and e.status == 410):
+                log.warning("watch of %s broke (%s); relisting", path, e)
+                time.sleep(0.5)

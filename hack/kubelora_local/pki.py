@@ -2,7 +2,7 @@
 
 EC P-256 keys instead of RSA: key generation takes milliseconds instead of up to ~2 s, and both
 kube-apiserver (TLS, ES256 service-account tokens) and Python's ssl accept them. The serving cert
-carries IP SAN 127.0.0.1 because Go ignores the CN and in-pod clients connect to 127.0.0.1.
+carries IP SANs (127.0.0.1 and the node address where pods and host clients connect) because Go ignores the CN.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def generate(directory: Path) -> Pki:
-    """Create a CA, an apiserver serving cert, SA signing keys and a token file in `directory`."""
+def generate(directory: Path, extra_ips: list[str] | None = None) -> Pki:
+    """Create a CA, an apiserver serving cert, SA signing keys and a token file in `directory`.
+
+    `extra_ips` go into the serving cert's SANs: the node address where host clients and pods connect.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     d = directory
@@ -54,7 +57,9 @@ def generate(directory: Path) -> Pki:
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "apiserver.key", cwd=d)
     _openssl("req", "-new", "-key", "apiserver.key", "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver", cwd=d)
     (d / "apiserver.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
+        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,"
+        + "".join(f"IP:{ip}," for ip in extra_ips or [])
+        + "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
         "extendedKeyUsage=serverAuth\n"
     )

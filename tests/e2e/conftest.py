@@ -1,10 +1,12 @@
-"""e2e fixtures: one real local cluster (kube-apiserver + controller-manager + pod runner) per session.
+"""e2e fixtures: one real local Kubernetes v1.37 cluster (etcd, kube-apiserver, controller-manager,
+scheduler, CoreDNS and the pod runner as the node) per session.
 
-`cluster` starts it (building the binaries on first use, ~7 min) and fails loudly with the reason if
-it cannot; it never skips. Each session gets a private state dir and pod subnet (127.R.R.x), so
+`cluster` starts it (building the binaries from Go modules on first use, ~12 min) and fails loudly with the reason if
+it cannot; it never skips. Each session gets a private state dir and pod subnet (10.244.R.x), so
 parallel sessions do not collide. Set KUBELORA_REUSE_CLUSTER=1 to use (or start and keep) the
 cluster of `kubelora-local up` instead, which saves ~6 s per session while iterating.
 CRDs come from the repo's crds/ (or $KUBELORA_CRD_DIR) and are applied before the controller-manager.
+The node offers `SESSION_GPUS` nvidia.com/gpu, so GPU requests schedule (or stay Pending) for real.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -26,6 +30,8 @@ import pytest
 from kubelora_local import cluster as local_cluster
 from kubelora_local.kube import Kube, KubeError
 from kubelora_local.paths import cache_root, default_state_dir
+
+SESSION_GPUS = 1
 
 
 @dataclass
@@ -59,8 +65,23 @@ class LocalCluster:
         pytest.fail(f"timed out after {timeout} s waiting for {what} (last error: {last_error})")
 
     def pvc_dir(self, namespace: str, claim: str) -> Path:
-        """Host directory backing a PVC on the local node."""
-        return self.state_dir / "pvcs" / namespace / claim
+        """Host directory backing the PVC `claim`, created (and bound by the local provisioner) if new."""
+        try:
+            self.kube.create(
+                f"/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": claim},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+                },
+            )
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        path = self.state_dir / "pvcs" / namespace / claim
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def log_path(self, namespace: str, pod: str, container: str) -> Path:
         """Host file with a container's stdout+stderr."""
@@ -83,22 +104,33 @@ def _kubernetes_clients(kubeconfig: Path) -> tuple[Any, Any, Any, Any, Any]:
     return api, client.CoreV1Api(api), client.AppsV1Api(api), client.BatchV1Api(api), client.CustomObjectsApi(api)
 
 
+def _print_versions(kubeconfig: Path) -> None:
+    """`kubectl version` into the test log: which Kubernetes this run tested against."""
+    kubectl = shutil.which("kubectl", path=f"{Path(sys.prefix) / 'bin'}:{os.environ.get('PATH', '')}")
+    if kubectl is None:
+        return
+    out = subprocess.run(
+        [kubectl, "version", f"--kubeconfig={kubeconfig}"], capture_output=True, text=True, timeout=30, check=False
+    )
+    sys.stderr.write(f"\n$ kubectl version\n{out.stdout}{out.stderr}")
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     """The session's local cluster (see module docstring)."""
     reuse = os.environ.get("KUBELORA_REUSE_CLUSTER") == "1"
     if reuse:
-        state_dir, subnet = default_state_dir(), "127.0.0"
+        state_dir, subnet = default_state_dir(), local_cluster.DEFAULT_SUBNET
     else:
         # A private state dir and pod subnet: parallel sessions on one machine never collide.
         (cache_root() / "e2e").mkdir(exist_ok=True)
         state_dir = Path(tempfile.mkdtemp(prefix="session-", dir=cache_root() / "e2e"))
-        subnet = f"127.{random.randint(100, 254)}.{random.randint(1, 254)}"
+        subnet = f"10.244.{random.randint(1, 254)}"
     started = time.monotonic()
     reused = reuse and local_cluster.is_running(state_dir)
     error = ""
     try:
-        info = local_cluster.up(state_dir, pod_subnet=subnet)
+        info = local_cluster.up(state_dir, pod_subnet=subnet, gpus=SESSION_GPUS)
     except Exception as e:
         error = f"the local Kubernetes cluster could not start ({type(e).__name__}): {e}"
     if error:  # outside the except block: one clear message, no exception chain
@@ -106,6 +138,7 @@ def cluster() -> Iterator[LocalCluster]:
             shutil.rmtree(state_dir, ignore_errors=True)
         pytest.fail(error, pytrace=False)
     kubeconfig = Path(info.kubeconfig)
+    _print_versions(kubeconfig)
     api, core, apps, batch, custom = _kubernetes_clients(kubeconfig)
     handle = LocalCluster(
         info=info,
@@ -128,14 +161,15 @@ def cluster() -> Iterator[LocalCluster]:
 
 @pytest.fixture
 def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace whose default ServiceAccount has its token (pods need it); deleted after."""
+    """A fresh namespace with its default ServiceAccount and CA ConfigMap (pods need both); deleted after."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:5]}"
     cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     cluster.wait_for(
-        lambda: cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default").get("secrets"),
+        lambda: cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+        and cluster.kube.get(f"/api/v1/namespaces/{name}/configmaps/kube-root-ca.crt"),
         timeout=30,
-        what=f"serviceaccount {name}/default token",
+        what=f"serviceaccount {name}/default and configmap kube-root-ca.crt",
     )
     yield name
     try:

@@ -179,8 +179,10 @@ def publish_lorajob(env: Env, name: str) -> Obj:
 
 @pytest.fixture
 def env(cluster: LocalCluster, namespace: str, operator: Any, tmp_path: Path) -> Iterator[Env]:
-    """A namespace with the tiny base model on PVC ``models`` and the operator running."""
+    """A namespace with the tiny base model on PVC ``models``, PVCs ``data`` and ``adapters``, the operator running."""
     base_dir = build_tiny_model(cluster.pvc_dir(namespace, "models") / "tiny")
+    for claim in ("data", "adapters"):
+        cluster.pvc_dir(namespace, claim)
     yield Env(cluster, namespace, base_dir)
 
 

@@ -102,9 +102,10 @@ class Env:
 
 @pytest.fixture
 def env(cluster: LocalCluster, namespace: str, operator: OperatorProcess) -> Iterator[Env]:
-    """A namespace with the tiny model on PVC ``models`` and a chat dataset on PVC ``data``."""
+    """A namespace with the tiny model on PVC ``models``, a chat dataset on PVC ``data`` and PVC ``adapters``."""
     build_tiny_model(cluster.pvc_dir(namespace, "models") / "tiny")
     write_chat_dataset(cluster.pvc_dir(namespace, "data") / "chat.jsonl", n=64)
+    cluster.pvc_dir(namespace, "adapters")
     yield Env(cluster, namespace, operator)
 
 

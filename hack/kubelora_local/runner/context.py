@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kube import Kube
+from ..network import PodNetwork
 from .ips import IpPool
 
 Obj = dict[str, Any]
@@ -38,8 +39,11 @@ class RunnerContext:
     kube: Kube
     state_dir: Path
     api_port: int
+    api_host: str = "127.0.0.1"  # the node's address, where pods reach the API server
     node_name: str = "local-node"
     ips: IpPool = field(default_factory=IpPool)
+    dns_ip: str = ""  # the cluster DNS every ClusterFirst pod's resolv.conf names ("" = the host's)
+    network: PodNetwork | None = None  # None: pods share the host's network (no root)
     # The project virtualenv's bin goes first on PATH so that `python` and the console scripts
     # (kubelora-train, kubelora-agent, ...) resolve to the project's.
     venv_bin: Path = field(default_factory=lambda: Path(sys.prefix) / "bin")

@@ -84,7 +84,7 @@ def field_value(pod: Obj, path: str, pod_ip: str) -> str:
         "metadata.uid": meta.get("uid", ""),
         "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-        "status.hostIP": "127.0.0.1",
+        "status.hostIP": pod_ip.rsplit(".", 1)[0] + ".1",  # the node is the .1 of every pod's /24
         "status.podIP": pod_ip,
         "status.podIPs": pod_ip,
     }

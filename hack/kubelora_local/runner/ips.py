@@ -1,8 +1,8 @@
-"""Loopback pod IPs: every Pod gets <subnet>.x (default 127.0.0.x) so pods can share port numbers.
+"""Pod IPs: every Pod gets <subnet>.x (default 10.244.0.x) in its own network namespace.
 
-Linux routes all of 127.0.0.0/8 to `lo`, so no interface setup is needed. 127.0.0.1 stays the
-host's (the API server listens there). Clusters running side by side (parallel test sessions)
-use different subnets, e.g. 127.93.17.x, so that their pods never collide on an address.
+<subnet>.1 is the bridge's (the host's) address, where the API server and CoreDNS listen.
+Clusters running side by side (parallel test sessions) use different subnets, e.g. 10.244.17.x,
+so that their pods never collide on an address.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import threading
 class IpPool:
     """Hands out <subnet>.2 .. <subnet>.254; an address is reused once its pod has finished."""
 
-    def __init__(self, subnet: str = "127.0.0") -> None:
+    def __init__(self, subnet: str = "10.244.0") -> None:
         self.prefix = subnet.rstrip(".") + "."
         self._lock = threading.Lock()
         self._used: set[int] = set()

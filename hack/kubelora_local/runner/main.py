@@ -1,13 +1,15 @@
-"""The runner process: watch Pods, bind unscheduled ones to the local node, hand them to workers.
+"""The runner process: the local node's kubelet. Watch the Pods bound to it, hand them to workers.
 
-Acts as both scheduler (one node, so binding is trivial) and kubelet. One watch over all
-namespaces; each bound pod gets a PodWorker thread; SIGTERM stops every container and exits.
+kube-scheduler binds pods to the Node this process registers (with real capacity, GPUs
+included), so a pod that does not fit stays Pending with the scheduler's reason. One watch over
+the node's pods; each gets a PodWorker thread; SIGTERM stops every container and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -16,12 +18,15 @@ from pathlib import Path
 
 from ..cluster import NODE_NAME, load
 from ..kube import KubeError
+from ..network import PodNetwork
 from . import node
 from .context import Obj, RunnerContext
 from .ips import IpPool
 from .pod import PodWorker
+from .provisioner import Provisioner
 
 log = logging.getLogger("kubelora.runner")
+PODS = "/api/v1/pods"
 
 
 class Runner:
@@ -31,20 +36,8 @@ class Runner:
         self.ctx = ctx
         self.workers: dict[str, PodWorker] = {}
         self.stop = threading.Event()
-
-    def _bind(self, pod: Obj) -> None:
-        meta = pod["metadata"]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Binding",
-            "metadata": {"name": meta["name"], "uid": meta["uid"]},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.ctx.node_name},
-        }
-        try:
-            self.ctx.kube.create(f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding", body)
-        except KubeError as e:
-            if e.status not in (404, 409):
-                log.warning("binding %s/%s failed: %s", meta["namespace"], meta["name"], e)
+        # The kubelet's own filter: only pods bound to this node.
+        self._selector = {"fieldSelector": f"spec.nodeName={ctx.node_name}"}
 
     def _force_delete(self, pod: Obj) -> None:
         meta = pod["metadata"]
@@ -70,12 +63,7 @@ class Runner:
                 worker.shutdown()
                 threading.Thread(target=self._cleanup, args=(worker, pod), daemon=True).start()
             return
-        node_name = spec.get("nodeName")
-        if not node_name:
-            if not meta.get("deletionTimestamp"):
-                self._bind(pod)
-            return
-        if node_name != self.ctx.node_name:
+        if spec.get("nodeName") != self.ctx.node_name:
             return
         worker = self.workers.get(uid)
         if worker is not None:
@@ -100,7 +88,7 @@ class Runner:
         """List + watch all pods; relist when the watch expires (410) or breaks."""
         while not self.stop.is_set():
             try:
-                listing = self.ctx.kube.get("/api/v1/pods")
+                listing = self.ctx.kube.get(PODS, **self._selector)
                 seen = set()
                 for pod in listing.get("items") or []:
                     seen.add(pod["metadata"]["uid"])
@@ -110,7 +98,7 @@ class Runner:
                         self.handle("DELETED", worker.pod)
                 rv = listing["metadata"]["resourceVersion"]
                 while not self.stop.is_set():
-                    for event in self.ctx.kube.watch("/api/v1/pods", rv):
+                    for event in self.ctx.kube.watch(PODS, rv, params=self._selector):
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             raise KubeError(int(obj.get("code", 500)), str(obj), "watch pods")
@@ -142,14 +130,20 @@ def main(argv: list[str] | None = None) -> None:
         kube=info.client(),
         state_dir=Path(info.state_dir),
         api_port=info.apiserver_port,
+        api_host=info.node_ip,
         node_name=NODE_NAME,
         ips=IpPool(info.pod_subnet),
+        dns_ip=info.dns_ip,
+        network=PodNetwork(info.pod_subnet) if os.geteuid() == 0 else None,
     )
     runner = Runner(ctx)
     signal.signal(signal.SIGTERM, lambda *_: runner.stop.set())
     signal.signal(signal.SIGINT, lambda *_: runner.stop.set())
-    node.register(ctx.kube, ctx.node_name)
-    threading.Thread(target=node.heartbeat, args=(ctx.kube, ctx.node_name, runner.stop), daemon=True).start()
+    node.register(ctx.kube, ctx.node_name, info.node_ip, info.gpus)
+    threading.Thread(
+        target=node.heartbeat, args=(ctx.kube, ctx.node_name, info.node_ip, info.gpus, runner.stop), daemon=True
+    ).start()
+    Provisioner(ctx.kube, ctx.state_dir / "pvcs").start(runner.stop)
     threading.Thread(target=runner.watch_forever, name="watch", daemon=True).start()
     log.info("runner ready: node %s, state %s", ctx.node_name, ctx.state_dir)
     runner.stop.wait()

@@ -1,7 +1,9 @@
-"""Register the Node `local-node` and keep its Ready heartbeat fresh.
+"""Register the Node `local-node` with real capacity and keep its Ready heartbeat fresh.
 
-The controller-manager's node lifecycle controller marks a node Unknown after 40 s without a
-heartbeat and then evicts its pods, so the status is re-posted every 10 s.
+kube-scheduler places pods against this capacity: the host's CPUs and memory and a configured
+`nvidia.com/gpu` count (default 0), so a GPU request beyond it stays Pending with the scheduler's
+reason. The node lifecycle controller marks a node Unknown after 40 s without a heartbeat and then
+evicts its pods, so the status is re-posted every 10 s.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ HEARTBEAT = 10.0
 STARTED = now()
 
 
-def _status(since: str) -> Obj:
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _status(since: str, gpus: int, address: str) -> Obj:
     ts = now()
     mem_ki = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024
     capacity = {
@@ -27,6 +32,7 @@ def _status(since: str) -> Obj:
         "memory": f"{mem_ki}Ki",
         "pods": "250",
         "ephemeral-storage": "100Gi",
+        GPU_RESOURCE: str(gpus),
     }
 
     def cond(kind: str, status: str, reason: str) -> Obj:
@@ -48,11 +54,11 @@ def _status(since: str) -> Obj:
             cond("PIDPressure", "False", "KubeletHasSufficientPID"),
         ],
         "addresses": [
-            {"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "InternalIP", "address": address},
             {"type": "Hostname", "address": "local-node"},
         ],
         "nodeInfo": {
-            "kubeletVersion": "v1.20.2-kubelora-local",
+            "kubeletVersion": "v1.37.2-kubelora-local",
             "kubeProxyVersion": "",
             "operatingSystem": "linux",
             "architecture": "amd64" if platform.machine() == "x86_64" else platform.machine(),
@@ -67,7 +73,7 @@ def _status(since: str) -> Obj:
     }
 
 
-def register(kube: Kube, name: str) -> None:
+def register(kube: Kube, name: str, address: str, gpus: int = 0) -> None:
     """Create (or take over) the Node and mark it Ready."""
     body = {
         "apiVersion": "v1",
@@ -87,13 +93,13 @@ def register(kube: Kube, name: str) -> None:
     except KubeError as e:
         if e.status != 409:
             raise
-    kube.merge_patch(f"/api/v1/nodes/{name}/status", {"status": _status(STARTED)})
+    kube.merge_patch(f"/api/v1/nodes/{name}/status", {"status": _status(STARTED, gpus, address)})
 
 
-def heartbeat(kube: Kube, name: str, stop: threading.Event) -> None:
+def heartbeat(kube: Kube, name: str, address: str, gpus: int, stop: threading.Event) -> None:
     """Re-post the node status until `stop` is set (runs in its own thread)."""
     while not stop.wait(HEARTBEAT):
         try:
-            kube.merge_patch(f"/api/v1/nodes/{name}/status", {"status": _status(STARTED)})
+            kube.merge_patch(f"/api/v1/nodes/{name}/status", {"status": _status(STARTED, gpus, address)})
         except Exception as e:
             log.warning("node heartbeat failed: %s", e)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..kube import KubeError
+from . import dns
 from .container import Container, unsupported_image_message
 from .context import ConfigError, Obj, RunnerContext, now
 from .envvars import container_env
@@ -53,6 +54,7 @@ class PodWorker(threading.Thread):
         self.inits = [make(c) for c in pod["spec"].get("initContainers") or []]
         self.containers = [make(c) for c in pod["spec"].get("containers") or []]
         self.ip = ""
+        self.netns: str | None = None
         self.volumes: PodVolumes | None = None
         self.phase = "Pending"
         self.start_time = now()
@@ -85,11 +87,19 @@ class PodWorker(threading.Thread):
             for c in self.inits + self.containers:
                 c.kill()
         finally:
+            if self.ctx.network is not None:
+                self.ctx.network.detach(self.uid)
             self.ctx.ips.release(self.ip)
             self.finished.set()
 
     def _run(self) -> None:
         self.ip = self.ctx.ips.allocate(self.pod.get("status", {}).get("podIP"))
+        if self.ctx.network is not None:
+            pod_dir = self.ctx.pod_dir(self.pod)
+            pod_dir.mkdir(parents=True, exist_ok=True)
+            # Recorded first, so that `down` can remove it even after a runner crash.
+            (pod_dir / "netns").write_text(self.ctx.network.netns_name(self.uid))
+            self.netns = self.ctx.network.attach(self.uid, self.ip)
         everyone = self.inits + self.containers
         bad = [c for c in everyone if not c.supported]
         for c in bad:
@@ -162,12 +172,12 @@ class PodWorker(threading.Thread):
             c.schedule_restart()
 
     def _service_env(self) -> dict[str, str]:
-        port = str(self.ctx.api_port)
+        port, host = str(self.ctx.api_port), self.ctx.api_host
         return {
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_HOST": host,
             "KUBERNETES_SERVICE_PORT": port,
             "KUBERNETES_SERVICE_PORT_HTTPS": port,
-            "KUBERNETES_PORT": f"tcp://127.0.0.1:{port}",
+            "KUBERNETES_PORT": f"tcp://{host}:{port}",
             "POD_IP": self.ip,
         }
 
@@ -184,7 +194,7 @@ class PodWorker(threading.Thread):
                 HOST_CPUS,
                 HOST_MEM,
             )
-            env.setdefault("HOSTNAME", self.pod_name)
+            env["HOSTNAME"] = dns.hostname(self.pod)
             argv = c.argv(env)
             mounts = self.volumes.mounts(c.spec)
         except ConfigError as e:
@@ -192,8 +202,20 @@ class PodWorker(threading.Thread):
             c.next_start = time.monotonic() + 1.0
             return
         term_path = c.spec.get("terminationMessagePath") or "/dev/termination-log"
-        file_mounts = [Mount(c.term_file, term_path)]
-        c.start(wrap(argv, mounts, file_mounts, c.spec.get("workingDir")), env)
+        file_mounts = [Mount(c.term_file, term_path), *self._dns_mounts()]
+        c.start(wrap(argv, mounts, file_mounts, c.spec.get("workingDir"), dns.hostname(self.pod), self.netns), env)
+
+    def _dns_mounts(self) -> list[Mount]:
+        """/etc/hosts and /etc/resolv.conf of this pod, written once into its directory."""
+        etc = self.ctx.pod_dir(self.pod) / "etc"
+        etc.mkdir(parents=True, exist_ok=True)
+        files = {"hosts": dns.hosts_file(self.pod, self.ip), "resolv.conf": dns.resolv_conf(self.pod, self.ctx.dns_ip)}
+        mounts = []
+        for name, content in files.items():
+            if content is not None:
+                (etc / name).write_text(content)
+                mounts.append(Mount(etc / name, f"/etc/{name}", read_only=True))
+        return mounts
 
     def _stop_all(self) -> None:
         meta = self.pod["metadata"]
@@ -268,7 +290,8 @@ class PodWorker(threading.Thread):
         status: dict[str, Any] = {
             "phase": phase,
             "conditions": conditions,
-            "hostIP": "127.0.0.1",
+            "hostIP": self.ctx.api_host,
+            "hostIPs": [{"ip": self.ctx.api_host}],
             "podIP": self.ip,
             "podIPs": [{"ip": self.ip}],
             "startTime": self.start_time,

@@ -1,8 +1,9 @@
-"""Run a container's command as a local process in its own mount namespace.
+"""Run a container's command as a local process in its pod's network namespace.
 
-`unshare -m --propagation private` gives the process a private copy of the mount table; a tiny
-shell prologue bind-mounts the pod's volumes onto the container's mountPaths and then `exec`s the
-command, so programs see the same paths as in a real pod (/mnt/pvc/<claim>, /etc/kubelora/...,
+`unshare -m -u --propagation private` gives the process a private copy of the mount table and its
+own hostname; a tiny shell prologue sets the pod's hostname, bind-mounts the pod's volumes onto the
+container's mountPaths (and its /etc/hosts and /etc/resolv.conf) and then `exec`s the command, so
+programs see the same paths as in a real pod (/mnt/pvc/<claim>, /etc/kubelora/...,
 /var/run/secrets/kubernetes.io/serviceaccount, /dev/termination-log) while the host is untouched,
 except for empty mount-point directories/files that bind mounts need.
 """
@@ -19,8 +20,10 @@ from pathlib import Path
 from .volumes import Mount
 
 
-def _prologue(mounts: list[Mount], file_mounts: list[Mount], workdir: str | None) -> str:
+def _prologue(mounts: list[Mount], file_mounts: list[Mount], workdir: str | None, host: str | None) -> str:
     lines = ["set -e"]
+    if host:
+        lines.append(f"hostname {shlex.quote(host)}")
     for m in mounts:
         t = shlex.quote(m.target)
         if m.source.is_dir():
@@ -34,20 +37,36 @@ def _prologue(mounts: list[Mount], file_mounts: list[Mount], workdir: str | None
         t = shlex.quote(m.target)
         lines.append(f'mkdir -p "$(dirname {t})"; [ -e {t} ] || : > {t}')
         lines.append(f"mount --bind {shlex.quote(str(m.source))} {t}")
+        if m.read_only:
+            lines.append(f"mount -o remount,bind,ro {t}")
     if workdir:
         lines.append(f"mkdir -p {shlex.quote(workdir)}; cd {shlex.quote(workdir)}")
     lines.append('exec "$@"')
     return "\n".join(lines)
 
 
-def wrap(argv: list[str], mounts: list[Mount], file_mounts: list[Mount], workdir: str | None) -> list[str]:
-    """The host argv that runs `argv` with the mounts in place (needs root for mount namespaces)."""
-    script = _prologue(mounts, file_mounts, workdir)
-    if os.geteuid() != 0:  # no mount namespace without root: run in place (paths will differ)
+def wrap(
+    argv: list[str],
+    mounts: list[Mount],
+    file_mounts: list[Mount],
+    workdir: str | None,
+    host: str | None = None,
+    netns: str | None = None,
+) -> list[str]:
+    """The host argv that runs `argv` with the mounts in place, in the pod's network namespace.
+
+    Needs root for the namespaces; without it the container runs in place on the host's network.
+    """
+    if os.geteuid() != 0:  # no namespaces without root: run in place (paths and hostname will differ)
+        script = _prologue(mounts, file_mounts, workdir, None)
         return ["/bin/sh", "-c", script.replace("set -e", "set +e"), "kubelora-container", *argv]
+    script = _prologue(mounts, file_mounts, workdir, host)
+    enter_net = ["nsenter", f"--net={netns}", "--"] if netns else []
     return [
+        *enter_net,
         "unshare",
         "-m",
+        "-u",
         "--propagation",
         "private",
         "--",
@@ -85,4 +104,4 @@ def nsenter(pid: int, argv: list[str]) -> list[str]:
     """argv that runs a command in a running container's mount namespace (exec probes)."""
     if os.geteuid() != 0:
         return argv
-    return ["nsenter", "-t", str(pid), "-m", "--", *argv]
+    return ["nsenter", "-t", str(pid), "-m", "-u", "-n", "--", *argv]

@@ -2,19 +2,21 @@
 
 PVC -> `<state>/pvcs/<ns>/<claim>` (survives the pod, like a real claim); emptyDir -> a per-pod
 dir; ConfigMap/Secret/downwardAPI/projected -> files written into a per-pod dir and refreshed while
-the pod runs (the kubelet also refreshes them). The 1.20 ServiceAccount admission plugin adds the
-SA token as an ordinary Secret volume at /var/run/secrets/kubernetes.io/serviceaccount, so it
-needs no special case here beyond waiting for the Secret.
+the pod runs (the kubelet also refreshes them). The ServiceAccount admission plugin adds a projected
+`kube-api-access-*` volume; its token comes from the TokenRequest API, bound to the pod, and is
+renewed at 80 % of its lifetime as the kubelet does.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..kube import Kube
+from ..kube import Kube, KubeError
 from .context import ConfigError, Obj, RunnerContext
 from .envvars import field_value, get_object, object_data
 
@@ -66,20 +68,47 @@ def _files_for(ctx: RunnerContext, pod: Obj, source_kind: str, src: Obj, pod_ip:
             files[item["path"]] = field_value(pod, item["fieldRef"]["fieldPath"], pod_ip).encode()
         return files
     if source_kind == "serviceAccountToken":
-        return {src["path"]: sa_token(ctx, pod)}
+        return {src["path"]: sa_token(ctx, pod, src)}
     raise ConfigError("ContainerCreating", f"projected source {source_kind!r} is not supported")
 
 
-def sa_token(ctx: RunnerContext, pod: Obj) -> bytes:
-    """The legacy token Secret of the pod's ServiceAccount (created by the 1.20 token controller)."""
-    ns = pod["metadata"]["namespace"]
+_tokens: dict[tuple[str, str, int], tuple[float, bytes]] = {}
+_tokens_lock = threading.Lock()
+
+
+def sa_token(ctx: RunnerContext, pod: Obj, src: Obj) -> bytes:
+    """A pod-bound token of the pod's ServiceAccount from the TokenRequest API, reused until 80 % of its life."""
+    meta = pod["metadata"]
+    audience = src.get("audience") or ""
+    lifetime = int(src.get("expirationSeconds") or 3607)
+    key = (meta["uid"], audience, lifetime)
+    with _tokens_lock:
+        cached = _tokens.get(key)
+    if cached and time.monotonic() < cached[0]:
+        return cached[1]
     sa_name = pod["spec"].get("serviceAccountName") or "default"
-    sa = _fetch(ctx.kube, ns, "serviceaccounts", sa_name, False) or {}
-    for ref in sa.get("secrets") or []:
-        secret = _fetch(ctx.kube, ns, "secrets", ref["name"], True)
-        if secret and secret.get("type") == "kubernetes.io/service-account-token" and "token" in secret.get("data", {}):
-            return object_data(secret)["token"]
-    raise ConfigError("ContainerCreating", f"waiting for the token Secret of serviceaccount {sa_name}")
+    spec: Obj = {
+        "expirationSeconds": lifetime,
+        "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+    }
+    if audience:
+        spec["audiences"] = [audience]
+    body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+    try:
+        resp = ctx.kube.create(f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{sa_name}/token", body)
+    except KubeError as e:
+        raise ConfigError("ContainerCreating", f"token for serviceaccount {sa_name}: {e}") from e
+    token = str(resp["status"]["token"]).encode()
+    with _tokens_lock:
+        _tokens[key] = (time.monotonic() + 0.8 * lifetime, token)
+    return token
+
+
+def forget_tokens(uid: str) -> None:
+    """Drop a finished pod's cached tokens."""
+    with _tokens_lock:
+        for key in [k for k in _tokens if k[0] == uid]:
+            del _tokens[key]
 
 
 def volume_files(ctx: RunnerContext, pod: Obj, volume: Obj, pod_ip: str) -> dict[str, bytes]:
@@ -173,4 +202,5 @@ class PodVolumes:
 
     def cleanup(self) -> None:
         """Remove the per-pod dir (emptyDirs, files); PVC dirs stay."""
+        forget_tokens(self.pod["metadata"]["uid"])
         shutil.rmtree(self.ctx.pod_dir(self.pod), ignore_errors=True)
