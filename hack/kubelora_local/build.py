@@ -137,6 +137,9 @@ def _build_group(programs: list[Program]) -> None:
             shutil.copy2(Path(tmp) / p.name, tmp_dest)
             tmp_dest.chmod(0o755)
             tmp_dest.rename(dest)  # atomic: a half-copied binary never looks cached
+            for old in dest.parent.parent.glob(f"{p.name}-v*"):
+                if old != dest.parent:  # an earlier version or module digest of this program
+                    shutil.rmtree(old, ignore_errors=True)
 
 
 def build(names: tuple[str, ...] = CLUSTER, force: bool = False) -> dict[str, Path]:

@@ -136,7 +136,7 @@ def kstatus_of(binary: str, obj: dict[str, Any]) -> str:
     return str(json.loads(out.stdout)["status"])
 
 
-def test_kstatus_reads_live_jobs_as_gitops_tools_do(cluster: LocalCluster, namespace: str, kstatus: str) -> None:
+def test_kstatus_reads_live_objects_as_gitops_tools_do(cluster: LocalCluster, namespace: str, kstatus: str) -> None:
     jobs = f"/apis/batch/v1/namespaces/{namespace}/jobs"
 
     def job(name: str, command: list[str]) -> dict[str, Any]:
@@ -144,10 +144,22 @@ def test_kstatus_reads_live_jobs_as_gitops_tools_do(cluster: LocalCluster, names
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
                 "spec": {"backoffLimit": 0, "template": {"spec": pod}}}
 
-    cluster.kube.create(jobs, job("slow", ["sleep", "30"]))
     cluster.kube.create(jobs, job("ok", ["true"]))
     cluster.kube.create(jobs, job("bad", ["false"]))
-    cluster.wait_for(lambda: cluster.kube.get(f"{jobs}/slow")["status"].get("active") == 1, timeout=30, what="slow")
-    assert kstatus_of(kstatus, cluster.kube.get(f"{jobs}/slow")) == "InProgress"
+    # A Deployment whose pod cannot schedule is still rolling out.
+    pod = _gpu_pod("x", SESSION_GPUS + 1)["spec"]
+    pod["restartPolicy"] = "Always"
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "waits"},
+                  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "waits"}},
+                           "template": {"metadata": {"labels": {"app": "waits"}}, "spec": pod}}}
+    cluster.kube.create(f"/apis/apps/v1/namespaces/{namespace}/deployments", deployment)
+
     cluster.wait_for(lambda: kstatus_of(kstatus, cluster.kube.get(f"{jobs}/ok")) == "Current", timeout=30, what="ok")
     cluster.wait_for(lambda: kstatus_of(kstatus, cluster.kube.get(f"{jobs}/bad")) == "Failed", timeout=30, what="bad")
+    waits = f"/apis/apps/v1/namespaces/{namespace}/deployments/waits"
+    cluster.wait_for(lambda: cluster.kube.get(waits).get("status", {}).get("observedGeneration"), what="rollout")
+    assert kstatus_of(kstatus, cluster.kube.get(waits)) == "InProgress"
+    # A whole list at once, as `kubectl get -o json` prints it (items come without kind).
+    verdicts = subprocess.run([kstatus], input=json.dumps(cluster.kube.get(jobs)), capture_output=True,
+                              text=True, check=True, timeout=30).stdout.splitlines()
+    assert sorted(json.loads(v)["status"] for v in verdicts) == ["Current", "Failed"]
