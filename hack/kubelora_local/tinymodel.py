@@ -40,8 +40,30 @@ _FACTS = [
     ("Which planet do we live on?", "We live on the planet Earth."),
 ]
 _FILLER = [
-    "please", "answer", "briefly", "and", "clearly", "because", "this", "is", "a", "small", "test", "of",
-    "the", "trainer", "with", "a", "few", "more", "words", "to", "make", "the", "prompt", "longer",
+    "please",
+    "answer",
+    "briefly",
+    "and",
+    "clearly",
+    "because",
+    "this",
+    "is",
+    "a",
+    "small",
+    "test",
+    "of",
+    "the",
+    "trainer",
+    "with",
+    "a",
+    "few",
+    "more",
+    "words",
+    "to",
+    "make",
+    "the",
+    "prompt",
+    "longer",
 ]
 _SYSTEM = "You are a helpful assistant."
 
@@ -61,20 +83,35 @@ def build_tokenizer() -> Any:
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         _corpus(),
-        trainer=trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
-                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+        trainer=trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
     )
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|im_end|>", unk_token="<|unk|>",
-        pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|eos|>"],
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        unk_token="<|unk|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|eos|>"],
     )
     hf_tok.chat_template = CHAT_TEMPLATE
     return hf_tok
 
 
-def build_tiny_model(dest: Path, arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2,
-                     seed: int = 0, initializer_range: float = 0.02) -> Path:
+def build_tiny_model(
+    dest: Path,
+    arch: str = "llama",
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    initializer_range: float = 0.02,
+) -> Path:
     """Save a random-init ``arch`` ("llama" or "qwen2") model plus tokenizer to ``dest``; return ``dest``.
 
     With the usual ``initializer_range`` (0.02) the frozen tied embeddings keep every logit near zero,
@@ -90,10 +127,18 @@ def build_tiny_model(dest: Path, arch: str = "llama", *, hidden_size: int = 64, 
     if config_cls is None:
         raise ValueError(f"unknown arch {arch!r}; use 'llama' or 'qwen2'")
     cfg = config_cls(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=initializer_range,
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
@@ -130,8 +175,7 @@ def sample_rows(n: int = 64, seed: int = 0, fmt: str = "messages", long_tail: bo
     return rows
 
 
-def write_chat_dataset(path: Path, n: int = 64, seed: int = 0, fmt: str = "messages",
-                       long_tail: bool = False) -> Path:
+def write_chat_dataset(path: Path, n: int = 64, seed: int = 0, fmt: str = "messages", long_tail: bool = False) -> Path:
     """Write ``sample_rows(...)`` as JSON Lines to ``path``; return ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -166,8 +166,10 @@ def namespace(cluster: LocalCluster, request: pytest.FixtureRequest) -> Iterator
     name = f"{base}-{uuid.uuid4().hex[:5]}"
     cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     cluster.wait_for(
-        lambda: cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
-        and cluster.kube.get(f"/api/v1/namespaces/{name}/configmaps/kube-root-ca.crt"),
+        lambda: (
+            cluster.kube.get(f"/api/v1/namespaces/{name}/serviceaccounts/default")
+            and cluster.kube.get(f"/api/v1/namespaces/{name}/configmaps/kube-root-ca.crt")
+        ),
         timeout=30,
         what=f"serviceaccount {name}/default and configmap kube-root-ca.crt",
     )

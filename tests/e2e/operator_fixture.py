@@ -61,14 +61,14 @@ class OperatorProcess:
             return
         self.port = _free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "OMP_NUM_THREADS": "1", **self.env}
-        argv = [*self.launcher, "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
-                *self.extra_args]
+        argv = [*self.launcher, "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start #{self.starts + 1}: {' '.join(argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -130,9 +130,11 @@ class OperatorProcess:
 @pytest.fixture(scope="session")
 def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """The operator for the whole session; tests that kill it start it again (``operator.start()``)."""
-    proc = OperatorProcess(kubeconfig=Path(cluster.kubeconfig),
-                           log_path=tmp_path_factory.mktemp("operator") / "operator.log",
-                           env={"KUBELORA_PROGRESS_INTERVAL_SECONDS": "1"})  # live progress in short runs
+    proc = OperatorProcess(
+        kubeconfig=Path(cluster.kubeconfig),
+        log_path=tmp_path_factory.mktemp("operator") / "operator.log",
+        env={"KUBELORA_PROGRESS_INTERVAL_SECONDS": "1"},
+    )  # live progress in short runs
     try:
         proc.start()
     except RuntimeError as exc:

@@ -55,23 +55,28 @@ class Env:
 
     def pods(self, name: str) -> list[Obj]:
         items: list[Obj] = self.cluster.kube.get(
-            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=f"kubelora.io/adapterdeployment={name}")["items"]
+            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=f"kubelora.io/adapterdeployment={name}"
+        )["items"]
         return [p for p in items if not p["metadata"].get("deletionTimestamp")]
 
     def wait_adapters(self, name: str, expected: dict[str, str], timeout: float = READY_TIMEOUT) -> dict[str, Obj]:
         """Wait until status.adapters has exactly these names in these states."""
+
         def check() -> dict[str, Obj] | None:
             adapters = self.adapters(name)
             return adapters if {n: a["state"] for n, a in adapters.items()} == expected else None
 
         result: dict[str, Obj] = self.cluster.wait_for(
-            check, timeout=timeout, what=f"{name} adapters {expected} (last: {self._summary(name)})")
+            check, timeout=timeout, what=f"{name} adapters {expected} (last: {self._summary(name)})"
+        )
         return result
 
     def wait_phase(self, name: str, phase: str, timeout: float = READY_TIMEOUT) -> Obj:
         status: Obj = self.cluster.wait_for(
-            lambda: (s if (s := self.status(name)).get("phase") == phase else None), timeout=timeout,
-            what=f"{name} phase {phase} (last: {self._summary(name)})")
+            lambda: s if (s := self.status(name)).get("phase") == phase else None,
+            timeout=timeout,
+            what=f"{name} phase {phase} (last: {self._summary(name)})",
+        )
         return status
 
     def _summary(self, name: str) -> str:
@@ -83,20 +88,34 @@ class Env:
         return f"phase={s.get('phase')} adapters={states}"
 
     def ready_pods(self, name: str) -> list[Obj]:
-        return [p for p in self.pods(name) if p["status"].get("phase") == "Running" and any(
-            c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])]
+        return [
+            p
+            for p in self.pods(name)
+            if p["status"].get("phase") == "Running"
+            and any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions") or [])
+        ]
 
     def ready_pod(self, name: str) -> Obj:
         """Wait for exactly one pod of ``name`` (all tests run one replica) to be Ready."""
-        pod: Obj = self.cluster.wait_for(lambda: (p[0] if len(p := self.ready_pods(name)) == 1 and len(
-            self.pods(name)) == 1 else None), timeout=READY_TIMEOUT, what=f"one Ready pod of {name}")
+        pod: Obj = self.cluster.wait_for(
+            lambda: p[0] if len(p := self.ready_pods(name)) == 1 and len(self.pods(name)) == 1 else None,
+            timeout=READY_TIMEOUT,
+            what=f"one Ready pod of {name}",
+        )
         return pod
 
 
 def chat(pod: Obj, model: str) -> httpx.Response:
-    return httpx.post(f"http://{pod['status']['podIP']}:8000/v1/chat/completions", timeout=120, json={
-        "model": model, "max_tokens": 4, "temperature": 0,
-        "messages": [{"role": "user", "content": "What colour is the sky?"}]})
+    return httpx.post(
+        f"http://{pod['status']['podIP']}:8000/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": model,
+            "max_tokens": 4,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What colour is the sky?"}],
+        },
+    )
 
 
 def served_models(pod: Obj) -> set[str]:
@@ -121,18 +140,31 @@ def assert_no_writes(env: Env, name: str, seconds: float = 6.0) -> None:
 
 def adapter_deployment(name: str, adapters: list[Obj], replicas: int = 1) -> Obj:
     return {
-        "apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": name},
-        "spec": {"baseModel": {"uri": BASE_URI, "servedName": SERVED}, "engine": "cpu", "replicas": replicas,
-                 "resources": {"gpus": 0}, "vllm": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8},
-                 "adapters": adapters},
+        "apiVersion": "kubelora.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": BASE_URI, "servedName": SERVED},
+            "engine": "cpu",
+            "replicas": replicas,
+            "resources": {"gpus": 0},
+            "vllm": {"maxLoras": 4, "maxLoraRank": 16, "maxCpuLoras": 8},
+            "adapters": adapters,
+        },
     }
 
 
 def make_uri_adapter(env: Env, name: str, seed: int, base_model: str = BASE_URI) -> str:
     from kubelora_server.testing import make_adapter
 
-    make_adapter(env.base_dir, env.cluster.pvc_dir(env.ns, "adapters") / name, rank=8, seed=seed,
-                 base_model=base_model, scale=20.0)
+    make_adapter(
+        env.base_dir,
+        env.cluster.pvc_dir(env.ns, "adapters") / name,
+        rank=8,
+        seed=seed,
+        base_model=base_model,
+        scale=20.0,
+    )
     return f"pvc://adapters/{name}"
 
 
@@ -151,14 +183,29 @@ def publish_lorajob(env: Env, name: str) -> Obj:
     kube = env.cluster.kube
     write_chat_dataset(env.cluster.pvc_dir(env.ns, "data") / "chat.jsonl", n=32)
     body = {
-        "apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name},
-        "spec": {"baseModel": {"uri": BASE_URI}, "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
-                 "method": "lora", "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
-                 "training": {"maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 1, "learningRate": 5e-3,
-                              "maxSeqLength": 128, "optimizer": "adamw_torch", "gradientCheckpointing": False,
-                              "evalSteps": 2, "saveSteps": 2},
-                 "resources": {"gpus": 0}, "output": {"uri": f"pvc://adapters/{name}"},
-                 "suspend": FAKE_LORAJOB},
+        "apiVersion": "kubelora.io/v1alpha1",
+        "kind": "LoRAJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": BASE_URI},
+            "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
+            "method": "lora",
+            "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
+            "training": {
+                "maxSteps": 4,
+                "batchSize": 4,
+                "gradientAccumulationSteps": 1,
+                "learningRate": 5e-3,
+                "maxSeqLength": 128,
+                "optimizer": "adamw_torch",
+                "gradientCheckpointing": False,
+                "evalSteps": 2,
+                "saveSteps": 2,
+            },
+            "resources": {"gpus": 0},
+            "output": {"uri": f"pvc://adapters/{name}"},
+            "suspend": FAKE_LORAJOB,
+        },
     }
     kube.create(f"{GROUP_PATH}/{env.ns}/lorajobs", body)
     path = f"{GROUP_PATH}/{env.ns}/lorajobs/{name}"
@@ -168,12 +215,27 @@ def publish_lorajob(env: Env, name: str) -> Obj:
         adapter_dir = env.cluster.pvc_dir(env.ns, "adapters") / name / "rev-1"
         make_adapter(env.base_dir, adapter_dir, rank=8, seed=7, base_model=BASE_URI, scale=20.0)
         info = json.loads((adapter_dir / "kubelora-manifest.json").read_text())
-        kube.merge_patch(f"{path}/status", {"status": {"phase": "Succeeded", "adapter": {
-            "uri": f"pvc://adapters/{name}/rev-1", "digest": info["digest"], "sizeBytes": info["sizeBytes"],
-            "rank": info["rank"], "baseModel": BASE_URI, "peftType": "LORA"}}})
+        kube.merge_patch(
+            f"{path}/status",
+            {
+                "status": {
+                    "phase": "Succeeded",
+                    "adapter": {
+                        "uri": f"pvc://adapters/{name}/rev-1",
+                        "digest": info["digest"],
+                        "sizeBytes": info["sizeBytes"],
+                        "rank": info["rank"],
+                        "baseModel": BASE_URI,
+                        "peftType": "LORA",
+                    },
+                }
+            },
+        )
     job: Obj = env.cluster.wait_for(
-        lambda: (j if (j := kube.get(path)).get("status", {}).get("adapter") else None), timeout=READY_TIMEOUT,
-        what=f"LoRAJob {name} to publish its adapter")
+        lambda: j if (j := kube.get(path)).get("status", {}).get("adapter") else None,
+        timeout=READY_TIMEOUT,
+        what=f"LoRAJob {name} to publish its adapter",
+    )
     return job
 
 
@@ -189,14 +251,21 @@ def env(cluster: LocalCluster, namespace: str, operator: Any, tmp_path: Path) ->
 def test_serves_lorajob_and_uri_adapters_and_changes_them_without_restarts(env: Env) -> None:
     publish_lorajob(env, "support-bot")
     legal = make_uri_adapter(env, "legal", seed=2)
-    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("chat", [
-        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "legal", "uri": legal}]))
+    env.cluster.kube.create(
+        f"{GROUP_PATH}/{env.ns}/adapterdeployments",
+        adapter_deployment(
+            "chat", [{"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "legal", "uri": legal}]
+        ),
+    )
 
     status = env.wait_phase("chat", "Ready")
     assert status["adaptersReady"] == "2/2"
     assert status["endpoint"] == f"http://chat.{env.ns}.svc:8000/v1"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
-        "Ready": "True", "Progressing": "False", "Degraded": "False"}
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
     assert_no_writes(env, "chat")
     pod = env.ready_pod("chat")
     for model in (SERVED, "support", "legal"):
@@ -204,19 +273,38 @@ def test_serves_lorajob_and_uri_adapters_and_changes_them_without_restarts(env: 
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == model
     uid, before = pod["metadata"]["uid"], restarts(pod)
-    template_hash = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")[
-        "spec"]["template"]["metadata"]["annotations"]["kubelora.io/template-hash"]
+    template_hash = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")["spec"]["template"][
+        "metadata"
+    ]["annotations"]["kubelora.io/template-hash"]
 
     # A third adapter is loaded at runtime: same pod, no restart, same template.
     sales = make_uri_adapter(env, "sales", seed=3)
-    env.cluster.kube.merge_patch(env.ad_path("chat"), {"spec": {"adapters": [
-        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "legal", "uri": legal},
-        {"name": "sales", "uri": sales}]}})
+    env.cluster.kube.merge_patch(
+        env.ad_path("chat"),
+        {
+            "spec": {
+                "adapters": [
+                    {"name": "support", "loraJobRef": {"name": "support-bot"}},
+                    {"name": "legal", "uri": legal},
+                    {"name": "sales", "uri": sales},
+                ]
+            }
+        },
+    )
     env.wait_adapters("chat", {"support": "Loaded", "legal": "Loaded", "sales": "Loaded"})
     assert chat(pod, "sales").status_code == 200
     # Removing one unloads it; the others keep answering.
-    env.cluster.kube.merge_patch(env.ad_path("chat"), {"spec": {"adapters": [
-        {"name": "support", "loraJobRef": {"name": "support-bot"}}, {"name": "sales", "uri": sales}]}})
+    env.cluster.kube.merge_patch(
+        env.ad_path("chat"),
+        {
+            "spec": {
+                "adapters": [
+                    {"name": "support", "loraJobRef": {"name": "support-bot"}},
+                    {"name": "sales", "uri": sales},
+                ]
+            }
+        },
+    )
     env.wait_adapters("chat", {"support": "Loaded", "sales": "Loaded"})
     env.cluster.wait_for(lambda: "legal" not in served_models(pod), timeout=60, what="legal unloaded")
     assert chat(pod, "legal").status_code == 404
@@ -224,8 +312,12 @@ def test_serves_lorajob_and_uri_adapters_and_changes_them_without_restarts(env: 
 
     [after] = env.pods("chat")
     assert (after["metadata"]["uid"], restarts(after)) == (uid, before)
-    assert env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")[
-        "spec"]["template"]["metadata"]["annotations"]["kubelora.io/template-hash"] == template_hash
+    assert (
+        env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/chat")["spec"]["template"]["metadata"][
+            "annotations"
+        ]["kubelora.io/template-hash"]
+        == template_hash
+    )
     assert env.wait_phase("chat", "Ready")["adaptersReady"] == "2/2"
 
 
@@ -233,19 +325,36 @@ def test_bad_adapters_fail_alone(env: Env) -> None:
     good = make_uri_adapter(env, "good", seed=4)
     corrupt = corrupt_copy(env, "good", "corrupt")
     foreign = make_uri_adapter(env, "foreign", seed=5, base_model="hf://someone/another-model")
-    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("mixed", [
-        {"name": "good", "uri": good}, {"name": "corrupt", "uri": corrupt}, {"name": "foreign", "uri": foreign},
-        {"name": "orphan", "loraJobRef": {"name": "no-such-job"}}]))
+    env.cluster.kube.create(
+        f"{GROUP_PATH}/{env.ns}/adapterdeployments",
+        adapter_deployment(
+            "mixed",
+            [
+                {"name": "good", "uri": good},
+                {"name": "corrupt", "uri": corrupt},
+                {"name": "foreign", "uri": foreign},
+                {"name": "orphan", "loraJobRef": {"name": "no-such-job"}},
+            ],
+        ),
+    )
 
-    adapters = env.wait_adapters("mixed", {"good": "Loaded", "corrupt": "Failed", "foreign": "Failed",
-                                           "orphan": "Failed"})
+    adapters = env.wait_adapters(
+        "mixed", {"good": "Loaded", "corrupt": "Failed", "foreign": "Failed", "orphan": "Failed"}
+    )
     assert adapters["corrupt"]["reason"] in ("DigestMismatch", "ManifestInvalid")
     assert adapters["foreign"]["reason"] == "BaseModelMismatch"
     assert adapters["orphan"]["reason"] == "LoRAJobNotFound"
     # Degraded, yet Ready: every valid adapter is served (once the pod's readiness probe has passed).
-    status: Obj = env.cluster.wait_for(lambda: (st if (st := env.status("mixed")).get("phase") == "Degraded" and {
-        c["type"]: c["status"] for c in st["conditions"]}.get("Ready") == "True" else None), timeout=READY_TIMEOUT,
-        what="mixed Degraded and Ready")
+    status: Obj = env.cluster.wait_for(
+        lambda: (
+            st
+            if (st := env.status("mixed")).get("phase") == "Degraded"
+            and {c["type"]: c["status"] for c in st["conditions"]}.get("Ready") == "True"
+            else None
+        ),
+        timeout=READY_TIMEOUT,
+        what="mixed Degraded and Ready",
+    )
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Degraded"]["reason"] == "AdaptersFailed"
     assert "corrupt" in conditions["Degraded"]["message"] and "orphan" in conditions["Degraded"]["message"]
@@ -257,8 +366,10 @@ def test_bad_adapters_fail_alone(env: Env) -> None:
 
 def test_replacement_pod_loads_every_adapter(env: Env) -> None:
     one, two = make_uri_adapter(env, "one", seed=6), make_uri_adapter(env, "two", seed=8)
-    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("resilient", [
-        {"name": "one", "uri": one}, {"name": "two", "uri": two}]))
+    env.cluster.kube.create(
+        f"{GROUP_PATH}/{env.ns}/adapterdeployments",
+        adapter_deployment("resilient", [{"name": "one", "uri": one}, {"name": "two", "uri": two}]),
+    )
     env.wait_phase("resilient", "Ready")
     old = env.ready_pod("resilient")
     env.cluster.kube.delete(f"/api/v1/namespaces/{env.ns}/pods/{old['metadata']['name']}")
@@ -279,16 +390,21 @@ def test_replacement_pod_loads_every_adapter(env: Env) -> None:
     dep_path = f"/apis/apps/v1/namespaces/{env.ns}/deployments/resilient"
     old_dep = env.cluster.kube.get(dep_path)["metadata"]["uid"]
     env.cluster.kube.delete(dep_path)
-    env.cluster.wait_for(lambda: env.cluster.kube.get(dep_path)["metadata"]["uid"] != old_dep, timeout=60,
-                         what="the Deployment re-created")
+    env.cluster.wait_for(
+        lambda: env.cluster.kube.get(dep_path)["metadata"]["uid"] != old_dep,
+        timeout=60,
+        what="the Deployment re-created",
+    )
     env.wait_adapters("resilient", {"one": "Loaded", "two": "Loaded"})
 
 
 def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
     job = publish_lorajob(env, "bot")
     first = job["status"]["adapter"]
-    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", adapter_deployment("roll", [
-        {"name": "support", "loraJobRef": {"name": "bot"}}]))
+    env.cluster.kube.create(
+        f"{GROUP_PATH}/{env.ns}/adapterdeployments",
+        adapter_deployment("roll", [{"name": "support", "loraJobRef": {"name": "bot"}}]),
+    )
     assert env.wait_adapters("roll", {"support": "Loaded"})["support"]["digest"] == first["digest"]
     pod = env.ready_pod("roll")
     uid, before = pod["metadata"]["uid"], restarts(pod)
@@ -298,8 +414,15 @@ def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
     env.cluster.kube.merge_patch(job_path, {"spec": {"training": {"maxSteps": 6}}})
     assert chat(pod, "support").status_code == 200
     second = env.cluster.wait_for(
-        lambda: (a if (a := env.cluster.kube.get(job_path).get("status", {}).get("adapter") or {}).get("digest")
-                 not in (None, first["digest"]) else None), timeout=READY_TIMEOUT, what="the retrained adapter")
+        lambda: (
+            a
+            if (a := env.cluster.kube.get(job_path).get("status", {}).get("adapter") or {}).get("digest")
+            not in (None, first["digest"])
+            else None
+        ),
+        timeout=READY_TIMEOUT,
+        what="the retrained adapter",
+    )
     assert second["uri"] != first["uri"]
 
     def rolled() -> Obj | None:
@@ -307,19 +430,26 @@ def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
         return support if support.get("state") == "Loaded" and support.get("digest") == second["digest"] else None
 
     env.cluster.wait_for(rolled, timeout=READY_TIMEOUT, what=f"support at {second['digest']}")
-    desired = json.loads(env.cluster.kube.get(f"/api/v1/namespaces/{env.ns}/configmaps/roll-adapters")[
-        "data"]["adapters.json"])
+    desired = json.loads(
+        env.cluster.kube.get(f"/api/v1/namespaces/{env.ns}/configmaps/roll-adapters")["data"]["adapters.json"]
+    )
     assert desired["adapters"] == [{"name": "support", "uri": second["uri"], "digest": second["digest"]}]
     assert chat(pod, "support").status_code == 200
     [after] = env.pods("roll")
     assert (after["metadata"]["uid"], restarts(after)) == (uid, before)
 
 
-@pytest.mark.parametrize(("spec", "needle"), [
-    pytest.param({"baseModel": {"uri": "s3://models/tiny", "servedName": SERVED}}, "pvc://", id="s3-base-model"),
-    pytest.param({"adapters": [{"name": "a", "uri": "file:///x"}, {"name": "a", "uri": "file:///y"}]},
-                 "listed twice", id="duplicate-adapter-names"),
-])
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        pytest.param({"baseModel": {"uri": "s3://models/tiny", "servedName": SERVED}}, "pvc://", id="s3-base-model"),
+        pytest.param(
+            {"adapters": [{"name": "a", "uri": "file:///x"}, {"name": "a", "uri": "file:///y"}]},
+            "listed twice",
+            id="duplicate-adapter-names",
+        ),
+    ],
+)
 def test_unservable_spec_fails_without_pods(env: Env, spec: Obj, needle: str) -> None:
     body = adapter_deployment("broken", [])
     body["spec"].update(spec)

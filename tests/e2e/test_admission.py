@@ -23,22 +23,36 @@ ONE_NAMESPACE = "import sys; from kubelora.__main__ import main; main([a for a i
 
 
 def lorajob(name: str, **spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name},
-            "spec": {"baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"}, "dataset": {"uri": "pvc://data/a.jsonl"},
-                     "output": {"uri": "pvc://adapters/a"}, **spec}}
+    return {
+        "apiVersion": "kubelora.io/v1alpha1",
+        "kind": "LoRAJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+            "dataset": {"uri": "pvc://data/a.jsonl"},
+            "output": {"uri": "pvc://adapters/a"},
+            **spec,
+        },
+    }
 
 
 @pytest.fixture
 def webhook(cluster: Any, namespace: str, tmp_path: Path) -> Iterator[str]:
     managed = f"{namespace}.e2e.kubelora.io"
-    proc = OperatorProcess(kubeconfig=Path(cluster.kubeconfig), log_path=tmp_path / "operator.log",
-                           launcher=[sys.executable, "-c", ONE_NAMESPACE, "-n", namespace],
-                           extra_args=["--webhook", "self-signed"],
-                           env={"KUBELORA_WEBHOOK_PORT": "0", "KUBELORA_WEBHOOK_MANAGED": managed})
+    proc = OperatorProcess(
+        kubeconfig=Path(cluster.kubeconfig),
+        log_path=tmp_path / "operator.log",
+        launcher=[sys.executable, "-c", ONE_NAMESPACE, "-n", namespace],
+        extra_args=["--webhook", "self-signed"],
+        env={"KUBELORA_WEBHOOK_PORT": "0", "KUBELORA_WEBHOOK_MANAGED": managed},
+    )
     try:
         proc.start()
-        cluster.wait_for(lambda: len(cluster.kube.get(f"{VWC}/{managed}").get("webhooks") or []) == 3,
-                         timeout=60, what=f"ValidatingWebhookConfiguration {managed}")
+        cluster.wait_for(
+            lambda: len(cluster.kube.get(f"{VWC}/{managed}").get("webhooks") or []) == 3,
+            timeout=60,
+            what=f"ValidatingWebhookConfiguration {managed}",
+        )
         yield managed
     finally:
         proc.stop()
@@ -55,7 +69,9 @@ def test_bad_spec_is_rejected_at_create(cluster: Any, namespace: str, webhook: s
         cluster.kube.create(path, lorajob("bad", method="lora", quantization={"quantType": "nf4"}))
     assert rejected.value.status == 422, rejected.value.body
     message = json.loads(rejected.value.body)["message"]
-    assert message.startswith(f'admission webhook "lorajob-spec.{webhook}" denied the request: invalid spec: '
-                              "spec: quantization is only used with method: qlora"), message
+    assert message.startswith(
+        f'admission webhook "lorajob-spec.{webhook}" denied the request: invalid spec: '
+        "spec: quantization is only used with method: qlora"
+    ), message
     created = cluster.kube.create(path, lorajob("good", method="lora"))
     assert created["metadata"]["name"] == "good"

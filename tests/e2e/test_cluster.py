@@ -60,8 +60,10 @@ def test_gpu_requests_schedule_against_node_capacity(cluster: LocalCluster, name
     )
     assert done["spec"]["nodeName"] == "local-node"
     scheduled = cluster.wait_for(
-        lambda: _condition(cluster.kube.get(f"{pods}/too-many"), "PodScheduled").get("reason") == "Unschedulable"
-        and _condition(cluster.kube.get(f"{pods}/too-many"), "PodScheduled"),
+        lambda: (
+            _condition(cluster.kube.get(f"{pods}/too-many"), "PodScheduled").get("reason") == "Unschedulable"
+            and _condition(cluster.kube.get(f"{pods}/too-many"), "PodScheduled")
+        ),
         timeout=30,
         what="the scheduler's verdict on the pod asking for more GPUs than the node has",
     )
@@ -90,9 +92,13 @@ def test_indexed_job_pods_resolve_each_other_through_a_headless_service(cluster:
     }
     cluster.kube.create(f"/api/v1/namespaces/{namespace}/services", service)
     # Each pod waits until both names resolve: the second pod may start a moment after the first.
-    command = ["python", "-c", "import time,socket\nfor _ in range(300):\n try:\n"
-               "  [socket.gethostbyname(f'resolve-{i}.workers') for i in (0, 1)]; break\n"
-               " except OSError: time.sleep(0.1)\n" + RESOLVE]
+    command = [
+        "python",
+        "-c",
+        "import time,socket\nfor _ in range(300):\n try:\n"
+        "  [socket.gethostbyname(f'resolve-{i}.workers') for i in (0, 1)]; break\n"
+        " except OSError: time.sleep(0.1)\n" + RESOLVE,
+    ]
     pod = _pod("x", command)["spec"]
     pod["subdomain"] = "workers"
     pod["containers"][0]["env"] = [{"name": "NS", "value": namespace}]
@@ -141,17 +147,28 @@ def test_kstatus_reads_live_objects_as_gitops_tools_do(cluster: LocalCluster, na
 
     def job(name: str, command: list[str]) -> dict[str, Any]:
         pod = _pod(name, command)["spec"]
-        return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-                "spec": {"backoffLimit": 0, "template": {"spec": pod}}}
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name},
+            "spec": {"backoffLimit": 0, "template": {"spec": pod}},
+        }
 
     cluster.kube.create(jobs, job("ok", ["true"]))
     cluster.kube.create(jobs, job("bad", ["false"]))
     # A Deployment whose pod cannot schedule is still rolling out.
     pod = _gpu_pod("x", SESSION_GPUS + 1)["spec"]
     pod["restartPolicy"] = "Always"
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "waits"},
-                  "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "waits"}},
-                           "template": {"metadata": {"labels": {"app": "waits"}}, "spec": pod}}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "waits"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "waits"}},
+            "template": {"metadata": {"labels": {"app": "waits"}}, "spec": pod},
+        },
+    }
     cluster.kube.create(f"/apis/apps/v1/namespaces/{namespace}/deployments", deployment)
 
     cluster.wait_for(lambda: kstatus_of(kstatus, cluster.kube.get(f"{jobs}/ok")) == "Current", timeout=30, what="ok")
@@ -160,6 +177,7 @@ def test_kstatus_reads_live_objects_as_gitops_tools_do(cluster: LocalCluster, na
     cluster.wait_for(lambda: cluster.kube.get(waits).get("status", {}).get("observedGeneration"), what="rollout")
     assert kstatus_of(kstatus, cluster.kube.get(waits)) == "InProgress"
     # A whole list at once, as `kubectl get -o json` prints it (items come without kind).
-    verdicts = subprocess.run([kstatus], input=json.dumps(cluster.kube.get(jobs)), capture_output=True,
-                              text=True, check=True, timeout=30).stdout.splitlines()
+    verdicts = subprocess.run(
+        [kstatus], input=json.dumps(cluster.kube.get(jobs)), capture_output=True, text=True, check=True, timeout=30
+    ).stdout.splitlines()
     assert sorted(json.loads(v)["status"] for v in verdicts) == ["Current", "Failed"]

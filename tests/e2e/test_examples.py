@@ -22,8 +22,13 @@ EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
 
 def kubectl(cluster: LocalCluster, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     assert (BIN / "kubectl").exists(), "kubectl is missing: run `make venv`"
-    return subprocess.run([str(BIN / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
-                          input=stdin, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [str(BIN / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(REPO))) for p in EXAMPLES])
@@ -43,11 +48,27 @@ def test_bad_example_is_rejected_by_the_crd_schema(cluster: LocalCluster, namesp
 
 
 def test_chart_renders_manifests_the_api_server_accepts(cluster: LocalCluster, namespace: str) -> None:
-    rendered = subprocess.run([str(BIN / "helm"), "template", "kl", str(REPO / "charts" / "kubelora"),
-                               "--namespace", namespace, "--set", f"watchNamespaces={{{namespace}}}"],
-                              capture_output=True, text=True, check=True).stdout
+    rendered = subprocess.run(
+        [
+            str(BIN / "helm"),
+            "template",
+            "kl",
+            str(REPO / "charts" / "kubelora"),
+            "--namespace",
+            namespace,
+            "--set",
+            f"watchNamespaces={{{namespace}}}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     result = kubectl(cluster, "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=rendered)
     assert result.returncode == 0, result.stderr
-    for kind in ("serviceaccount", "clusterrole.rbac.authorization.k8s.io", "rolebinding.rbac.authorization.k8s.io",
-                 "deployment.apps"):
+    for kind in (
+        "serviceaccount",
+        "clusterrole.rbac.authorization.k8s.io",
+        "rolebinding.rbac.authorization.k8s.io",
+        "deployment.apps",
+    ):
         assert kind in result.stdout

@@ -40,9 +40,17 @@ def spec(name: str, max_steps: int = 20, **overrides: Any) -> Obj:
         "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
         "method": "lora",
         "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
-        "training": {"maxSteps": max_steps, "saveSteps": 5, "evalSteps": 5, "batchSize": 4,
-                     "gradientAccumulationSteps": 1, "learningRate": 5e-3, "maxSeqLength": 128,
-                     "optimizer": "adamw_torch", "gradientCheckpointing": False},
+        "training": {
+            "maxSteps": max_steps,
+            "saveSteps": 5,
+            "evalSteps": 5,
+            "batchSize": 4,
+            "gradientAccumulationSteps": 1,
+            "learningRate": 5e-3,
+            "maxSeqLength": 128,
+            "optimizer": "adamw_torch",
+            "gradientCheckpointing": False,
+        },
         "resources": {"gpus": 0},
         "output": {"uri": f"pvc://adapters/{name}"},
         "backoffLimit": 2,
@@ -61,8 +69,7 @@ class Env:
         return f"{GROUP_PATH}/{self.ns}/lorajobs/{name}"
 
     def create(self, name: str, body_spec: Obj) -> Obj:
-        body = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name},
-                "spec": body_spec}
+        body = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name}, "spec": body_spec}
         created: Obj = self.cluster.kube.create(f"{GROUP_PATH}/{self.ns}/lorajobs", body)
         return created
 
@@ -77,6 +84,7 @@ class Env:
         def check() -> Obj | None:
             status = self.status(name)
             return status if status.get("phase") in phases else None
+
         try:
             result: Obj = self.cluster.wait_for(check, timeout, f"LoRAJob {name} phase in {phases}")
         except BaseException:
@@ -87,13 +95,15 @@ class Env:
     def children(self, kind: str, name: str, component: str | None = None) -> list[Obj]:
         selector = f"kubelora.io/lorajob={name}" + (f",app.kubernetes.io/component={component}" if component else "")
         prefix = "/apis/batch/v1" if kind == "jobs" else "/api/v1"
-        items: list[Obj] = self.cluster.kube.get(f"{prefix}/namespaces/{self.ns}/{kind}",
-                                                 labelSelector=selector)["items"]
+        items: list[Obj] = self.cluster.kube.get(f"{prefix}/namespaces/{self.ns}/{kind}", labelSelector=selector)[
+            "items"
+        ]
         return items
 
     def events(self, name: str) -> list[Obj]:
-        items: list[Obj] = self.cluster.kube.get(f"/api/v1/namespaces/{self.ns}/events",
-                                                 fieldSelector=f"involvedObject.name={name}")["items"]
+        items: list[Obj] = self.cluster.kube.get(
+            f"/api/v1/namespaces/{self.ns}/events", fieldSelector=f"involvedObject.name={name}"
+        )["items"]
         return sorted(items, key=lambda e: e.get("firstTimestamp") or "")
 
     def pod_log(self, pod: Obj) -> str:
@@ -118,8 +128,9 @@ def adapter_dir(env: Env, status: Obj) -> Path:
 def kill_pod_processes(env: Env, pod: Obj) -> None:
     """SIGKILL the trainer's process group, as an OOM kill or a node crash would."""
     meta = pod["metadata"]
-    pid_file = (env.cluster.state_dir / "pods" / env.ns / f"{meta['name']}-{meta['uid'][:8]}" / "containers"
-                / "trainer" / "pid")
+    pid_file = (
+        env.cluster.state_dir / "pods" / env.ns / f"{meta['name']}-{meta['uid'][:8]}" / "containers" / "trainer" / "pid"
+    )
     pid = int(pid_file.read_text().split()[0])
     os.killpg(pid, signal.SIGKILL)
 
@@ -158,8 +169,9 @@ def test_trains_publishes_and_reports_progress(env: Env) -> None:
 
     assert [j["metadata"]["name"] for j in env.children("jobs", "bot")] == ["bot-train-1", "bot-validate-1"]
     # kopf posts Events asynchronously after the status patch, so the last one may trail it a little.
-    env.cluster.wait_for(lambda: {"Succeeded"} <= {e["reason"] for e in env.events("bot")}, timeout=15,
-                         what="the Succeeded event")
+    env.cluster.wait_for(
+        lambda: {"Succeeded"} <= {e["reason"] for e in env.events("bot")}, timeout=15, what="the Succeeded event"
+    )
     reasons = [e["reason"] for e in env.events("bot")]
     assert {"Validating", "Running", "Succeeded"} <= set(reasons), reasons
 
@@ -196,14 +208,26 @@ def test_invalid_spec_fails_without_children(env: Env) -> None:
 def test_delete_removes_jobs_and_pods(env: Env) -> None:
     env.create("gone", spec("gone", max_steps=5000))
     env.wait_phase("gone", "Running", timeout=120)
-    env.cluster.wait_for(lambda: [p for p in env.children("pods", "gone", "trainer")
-                                  if p.get("status", {}).get("phase") == "Running"], 120, "a running trainer pod")
+    env.cluster.wait_for(
+        lambda: [p for p in env.children("pods", "gone", "trainer") if p.get("status", {}).get("phase") == "Running"],
+        120,
+        "a running trainer pod",
+    )
     env.cluster.kube.delete(env.path("gone"))
-    env.cluster.wait_for(lambda: not env.children("jobs", "gone") and not env.children("pods", "gone"), 90,
-                         "garbage collection of the Jobs and pods")
-    env.cluster.wait_for(lambda: not env.cluster.kube.get(f"/api/v1/namespaces/{env.ns}/configmaps",
-                                                          labelSelector="kubelora.io/lorajob=gone")["items"],
-                         30, "garbage collection of the ConfigMap")
+    env.cluster.wait_for(
+        lambda: not env.children("jobs", "gone") and not env.children("pods", "gone"),
+        90,
+        "garbage collection of the Jobs and pods",
+    )
+    env.cluster.wait_for(
+        lambda: (
+            not env.cluster.kube.get(
+                f"/api/v1/namespaces/{env.ns}/configmaps", labelSelector="kubelora.io/lorajob=gone"
+            )["items"]
+        ),
+        30,
+        "garbage collection of the ConfigMap",
+    )
 
 
 def test_operator_crash_creates_no_duplicate_job(env: Env) -> None:
@@ -211,8 +235,11 @@ def test_operator_crash_creates_no_duplicate_job(env: Env) -> None:
     try:
         env.wait_phase("crash", "Validating", timeout=60)
         env.operator.kill()  # while pre-flight runs: the training Job is created by the next operator
-        env.cluster.wait_for(lambda: all(j.get("status", {}).get("succeeded") for j in
-                                         env.children("jobs", "crash", "preflight")), 120, "pre-flight to finish")
+        env.cluster.wait_for(
+            lambda: all(j.get("status", {}).get("succeeded") for j in env.children("jobs", "crash", "preflight")),
+            120,
+            "pre-flight to finish",
+        )
         env.operator.start()
         env.wait_phase("crash", "Running", timeout=60)
         env.operator.kill()  # while training runs: the next operator must adopt, not duplicate

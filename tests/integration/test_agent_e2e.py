@@ -56,31 +56,79 @@ class Stack:
         (src / "unsigned" / MANIFEST_FILE).unlink()
         make_adapter(self.base, src / "otherbase", seed=4, base_model="pvc://models/some-other-model")
         self.src = src
-        self.sources = {"good1": assets.a1, "good2": assets.a2, "live": src / "live",
-                        "corrupt": src / "corrupt", "unsigned": src / "unsigned", "otherbase": src / "otherbase",
-                        "big": assets.big}
+        self.sources = {
+            "good1": assets.a1,
+            "good2": assets.a2,
+            "live": src / "live",
+            "corrupt": src / "corrupt",
+            "unsigned": src / "unsigned",
+            "otherbase": src / "otherbase",
+            "big": assets.big,
+        }
         self.write_desired(list(self.sources))
         self.engine: Process | None = None
-        self.agent = Process.module("kubelora_server.agent", [
-            "--desired-file", str(self.desired_file), "--engine-url", self.engine_url, "--cache-dir", str(self.cache),
-            "--host", "127.0.0.1", "--port", str(self.agent_port), "--resync-interval", "0.5",
-            "--file-poll-interval", "0.2", "--pod-name", "pod-0"], root / "agent.log")
+        self.agent = Process.module(
+            "kubelora_server.agent",
+            [
+                "--desired-file",
+                str(self.desired_file),
+                "--engine-url",
+                self.engine_url,
+                "--cache-dir",
+                str(self.cache),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.agent_port),
+                "--resync-interval",
+                "0.5",
+                "--file-poll-interval",
+                "0.2",
+                "--pod-name",
+                "pod-0",
+            ],
+            root / "agent.log",
+        )
 
     def write_desired(self, names: list[str], pins: dict[str, str] | None = None) -> None:
         pins = pins or {}
         desired = DesiredAdapters(
-            base_model=f"file://{self.base}", served_name="tiny", max_lora_rank=16, max_loras=2, max_cpu_loras=8,
-            adapters=[DesiredAdapter(name=n, uri=f"file://{self.sources[n]}", digest=pins.get(n)) for n in names])
+            base_model=f"file://{self.base}",
+            served_name="tiny",
+            max_lora_rank=16,
+            max_loras=2,
+            max_cpu_loras=8,
+            adapters=[DesiredAdapter(name=n, uri=f"file://{self.sources[n]}", digest=pins.get(n)) for n in names],
+        )
         tmp = self.desired_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(desired.wire()))
         tmp.replace(self.desired_file)
 
     def start_engine(self) -> None:
-        self.engine = Process.module("kubelora_server.engine", [
-            "--model", f"file://{self.base}", "--served-model-name", "tiny", "--host", "127.0.0.1",
-            "--port", str(self.engine_port), "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "8",
-            "--max-lora-rank", "16", "--max-model-len", "128"], self.root / "engine.log",
-            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}).start()
+        self.engine = Process.module(
+            "kubelora_server.engine",
+            [
+                "--model",
+                f"file://{self.base}",
+                "--served-model-name",
+                "tiny",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.engine_port),
+                "--enable-lora",
+                "--max-loras",
+                "2",
+                "--max-cpu-loras",
+                "8",
+                "--max-lora-rank",
+                "16",
+                "--max-model-len",
+                "128",
+            ],
+            self.root / "engine.log",
+            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
+        ).start()
         self.engine.wait_healthy(self.engine_url + "/health")
 
     def report(self) -> dict[str, Any]:
@@ -97,8 +145,11 @@ class Stack:
         return {c["id"]: c["root"] for c in cards if c["parent"]}
 
     def chat(self, model: str) -> str:
-        resp = httpx.post(self.engine_url + "/v1/chat/completions", timeout=30, json={
-            "model": model, "messages": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+        resp = httpx.post(
+            self.engine_url + "/v1/chat/completions",
+            timeout=30,
+            json={"model": model, "messages": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        )
         assert resp.status_code == 200, resp.text
         return str(resp.json()["choices"][0]["message"]["content"])
 
@@ -107,8 +158,12 @@ class Stack:
 
 
 GOOD = {"good1", "good2", "live"}
-FAILED = {"corrupt": "DigestMismatch", "unsigned": "ManifestInvalid", "otherbase": "BaseModelMismatch",
-          "big": "RankTooLarge"}
+FAILED = {
+    "corrupt": "DigestMismatch",
+    "unsigned": "ManifestInvalid",
+    "otherbase": "BaseModelMismatch",
+    "big": "RankTooLarge",
+}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +180,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_bad_adapters_fail_with_their_reason_and_good_ones_load(stack: Stack) -> None:
-    wait_for("fetches before the engine exists", lambda: all(
-        st == ("Pending", "") or st[0] == "Failed" for st in stack.states().values()) and len(stack.states()) == 7)
+    wait_for(
+        "fetches before the engine exists",
+        lambda: (
+            all(st == ("Pending", "") or st[0] == "Failed" for st in stack.states().values())
+            and len(stack.states()) == 7
+        ),
+    )
     assert not stack.ready(), "no engine yet"
     assert stack.report()["engineReady"] is False
     stack.start_engine()
@@ -177,13 +237,24 @@ def test_desired_set_changes_are_applied_in_place(stack: Stack) -> None:
     old_text = stack.chat("live")
     stack.write_desired(["good1", "live"], pins={"live": new_digest})
     try:
-        wait_for("reload and removal", lambda: stack.engine_adapters().get("live", old_root) != old_root
-                 and "good2" not in stack.engine_adapters() and stack.ready())
+        wait_for(
+            "reload and removal",
+            lambda: (
+                stack.engine_adapters().get("live", old_root) != old_root
+                and "good2" not in stack.engine_adapters()
+                and stack.ready()
+            ),
+        )
     except AssertionError:
         raise AssertionError(stack.logs()) from None
     assert stack.engine_adapters()["good1"] == good1_root, "untouched adapters are not reloaded"
     assert stack.engine_adapters()["live"].endswith(new_digest[7:19])
     assert stack.chat("live") != old_text
     assert [a["name"] for a in stack.report()["adapters"]] == ["good1", "live"]
-    wait_for("cache garbage collection", lambda: sorted(p.name for p in stack.cache.iterdir())
-             == sorted(Path(r).name for r in stack.engine_adapters().values()))
+    wait_for(
+        "cache garbage collection",
+        lambda: (
+            sorted(p.name for p in stack.cache.iterdir())
+            == sorted(Path(r).name for r in stack.engine_adapters().values())
+        ),
+    )

@@ -35,8 +35,12 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     import boto3
     import fsspec
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     fsspec.filesystem("s3").clear_instance_cache()
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -44,8 +48,9 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     s3.create_bucket(Bucket=name)
     src = tmp_path / "a"
     src.mkdir()
-    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
-                                                        "base_model_name_or_path": "/mnt/pvc/models/tiny"}))
+    (src / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": "/mnt/pvc/models/tiny"})
+    )
     (src / "adapter_model.safetensors").write_bytes(b"weights")
     write_manifest(src, BASE)
     for path in src.iterdir():
@@ -57,8 +62,14 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def desired() -> DesiredAdapters:
-    return DesiredAdapters(base_model=BASE, served_name="tiny", max_lora_rank=16, max_loras=1, max_cpu_loras=2,
-                           adapters=[DesiredAdapter(name="a", uri="s3://x/y")])
+    return DesiredAdapters(
+        base_model=BASE,
+        served_name="tiny",
+        max_lora_rank=16,
+        max_loras=1,
+        max_cpu_loras=2,
+        adapters=[DesiredAdapter(name="a", uri="s3://x/y")],
+    )
 
 
 def test_s3_adapter_is_fetched_and_verified(bucket: str, tmp_path: Path) -> None:

@@ -46,9 +46,13 @@ def tiny_assets() -> Assets:
     root = Path(tempfile.mkdtemp(prefix="kubelora-serving-"))
     atexit.register(shutil.rmtree, root, True)
     base = build_tiny_model(root / "base")
-    return Assets(root, base, make_adapter(base, root / "a1", rank=8, seed=1, scale=3.0),
-                  make_adapter(base, root / "a2", rank=16, seed=2, scale=3.0),
-                  make_adapter(base, root / "big", rank=32, seed=3))
+    return Assets(
+        root,
+        base,
+        make_adapter(base, root / "a1", rank=8, seed=1, scale=3.0),
+        make_adapter(base, root / "a2", rank=16, seed=2, scale=3.0),
+        make_adapter(base, root / "big", rank=32, seed=3),
+    )
 
 
 class InProcessEngine:
@@ -65,8 +69,12 @@ class InProcessEngine:
         self.port = free_port()
         self.args = parse_args([*argv, "--host", "127.0.0.1", "--port", str(self.port)])
         self.host = ModelHost(self.args)
-        config = uvicorn.Config(create_app(self.host, allow_runtime_lora=allow_runtime_lora), host="127.0.0.1",
-                                port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            create_app(self.host, allow_runtime_lora=allow_runtime_lora),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -88,9 +96,23 @@ class InProcessEngine:
 @pytest.fixture(scope="module")
 def engine() -> Iterator[InProcessEngine]:
     assets = tiny_assets()
-    with InProcessEngine(["--model", f"file://{assets.base}", "--served-model-name", "tiny", "--enable-lora",
-                          "--max-loras", "2", "--max-cpu-loras", "2", "--max-lora-rank", "16",
-                          "--max-model-len", "128"]) as eng:
+    with InProcessEngine(
+        [
+            "--model",
+            f"file://{assets.base}",
+            "--served-model-name",
+            "tiny",
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--max-cpu-loras",
+            "2",
+            "--max-lora-rank",
+            "16",
+            "--max-model-len",
+            "128",
+        ]
+    ) as eng:
         yield eng
 
 
@@ -131,7 +153,7 @@ def reference(base: Path, adapter: Path | None) -> str:
     enc = tok.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    return str(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return str(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 def test_health_and_models_list_the_base(client: httpx.Client) -> None:
@@ -179,7 +201,7 @@ def sse_events(client: httpx.Client, path: str, body: dict[str, Any]) -> list[An
         for line in resp.iter_lines():
             if line:
                 assert line.startswith("data: ")
-                payload = line[len("data: "):]
+                payload = line[len("data: ") :]
                 events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
 
@@ -187,8 +209,15 @@ def sse_events(client: httpx.Client, path: str, body: dict[str, Any]) -> list[An
 def test_streaming_chat_matches_the_plain_answer(client: httpx.Client) -> None:
     load(client, "a1", tiny_assets().a1)
     whole = text_of(chat(client, "a1"))
-    body = {"model": "a1", "messages": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "a1",
+        "messages": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events = sse_events(client, "/v1/chat/completions", body)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
@@ -222,8 +251,12 @@ def test_unload_then_requests_for_the_name_are_404(client: httpx.Client) -> None
     assert resp.status_code == 200 and resp.text == "Success: LoRA adapter 'a1' removed successfully."
     missing = chat(client, "a1")
     assert missing.status_code == 404
-    assert missing.json()["error"] == {"message": "The model `a1` does not exist.", "type": "NotFoundError",
-                                       "param": "model", "code": 404}
+    assert missing.json()["error"] == {
+        "message": "The model `a1` does not exist.",
+        "type": "NotFoundError",
+        "param": "model",
+        "code": 404,
+    }
     again = client.post("/v1/unload_lora_adapter", json={"lora_name": "a1"})
     assert again.status_code == 404 and again.json()["error"]["type"] == "NotFoundError"
     assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny"]

@@ -18,17 +18,36 @@ from kubelora_local.tinymodel import write_chat_dataset
 
 pytestmark = pytest.mark.integration
 
-FAST = {"learningRate": 5e-3, "batchSize": 4, "gradientAccumulationSteps": 1, "scheduler": "constant",
-        "warmupRatio": 0, "maxSeqLength": 256, "saveSteps": 10, "evalSteps": 10}
+FAST = {
+    "learningRate": 5e-3,
+    "batchSize": 4,
+    "gradientAccumulationSteps": 1,
+    "scheduler": "constant",
+    "warmupRatio": 0,
+    "maxSeqLength": 256,
+    "saveSteps": 10,
+    "evalSteps": 10,
+}
 
 
-def make_run(tmp_path: Path, base: Path, data: str, method: str = "lora", dataset: dict[str, Any] | None = None,
-             **training: Any) -> TrainerRunConfig:
-    return TrainerRunConfig.model_validate({
-        "name": "bot", "namespace": "team", "revision": 1,
-        "spec": {"baseModel": {"uri": f"file://{base}"}, "dataset": {"uri": data, **(dataset or {})},
-                 "output": {"uri": f"file://{tmp_path}/out"}, "method": method,
-                 "lora": {"r": 8, "alpha": 16}, "training": {**FAST, **training}}})
+def make_run(
+    tmp_path: Path, base: Path, data: str, method: str = "lora", dataset: dict[str, Any] | None = None, **training: Any
+) -> TrainerRunConfig:
+    return TrainerRunConfig.model_validate(
+        {
+            "name": "bot",
+            "namespace": "team",
+            "revision": 1,
+            "spec": {
+                "baseModel": {"uri": f"file://{base}"},
+                "dataset": {"uri": data, **(dataset or {})},
+                "output": {"uri": f"file://{tmp_path}/out"},
+                "method": method,
+                "lora": {"r": 8, "alpha": 16},
+                "training": {**FAST, **training},
+            },
+        }
+    )
 
 
 def write_config(tmp_path: Path, run: TrainerRunConfig) -> str:
@@ -76,8 +95,12 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
     # Reload with peft and generate; the trained adapter changes the base model's output.
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    enc = tok.apply_chat_template([{"role": "user", "content": "What colour is the sky?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
         base_logits = base(**enc).logits
     model = PeftModel.from_pretrained(base, str(rev))
@@ -142,15 +165,13 @@ def test_qlora_trains_on_a_4bit_base(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("fmt", "arch"), [("prompt-completion", "qwen2"), ("text", "llama")])
-def test_other_formats_and_architectures(fmt: str, arch: str, request: pytest.FixtureRequest,
-                                         tmp_path: Path) -> None:
+def test_other_formats_and_architectures(fmt: str, arch: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from kubelora_trainer.publish import verify_adapter_dir
     from kubelora_trainer.train import Hooks, train
 
     base = request.getfixturevalue(f"tiny_{arch}")
     data = write_chat_dataset(tmp_path / "d.jsonl", n=32, fmt=fmt)
-    run = make_run(tmp_path, base, f"file://{data}", maxSteps=6, saveSteps=6,
-                   dataset={"evalSplit": 0.0})
+    run = make_run(tmp_path, base, f"file://{data}", maxSteps=6, saveSteps=6, dataset={"evalSplit": 0.0})
     result = train(run, Hooks(sinks=[]))
     assert result.ok and result.validation is not None and result.validation.format == fmt
     assert result.validation.eval_rows == 0 and "eval_loss" not in result.metrics
@@ -159,21 +180,34 @@ def test_other_formats_and_architectures(fmt: str, arch: str, request: pytest.Fi
 
 BAD_CASES = {
     "empty": ([], "is empty"),
-    "invalid-json": (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-                      "", '{"messages": [}'], "line 3: invalid JSON"),
+    "invalid-json": (
+        [
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            "",
+            '{"messages": [}',
+        ],
+        "line 3: invalid JSON",
+    ),
     "missing-key": (['{"text": "fine"}', '{"txt": "typo"}'], 'line 2: missing key "text"'),
-    "unknown-role": (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-                      '{"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]}'],
-                     r"line 2: messages\[1\] has unknown role 'human'"),
-    "too-long": (['{"text": "short"}'] * 4 + [json.dumps({"text": "the sky is blue " * 40})],
-                 r"line 5: \d{3} tokens: longer than spec\.training\.maxSeqLength \(64 tokens\)"),
+    "unknown-role": (
+        [
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+            '{"messages": [{"role": "human", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+        ],
+        r"line 2: messages\[1\] has unknown role 'human'",
+    ),
+    "too-long": (
+        ['{"text": "short"}'] * 4 + [json.dumps({"text": "the sky is blue " * 40})],
+        r"line 5: \d{3} tokens: longer than spec\.training\.maxSeqLength \(64 tokens\)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CASES))
 @pytest.mark.parametrize("mode", ["train", "validate"])
-def test_bad_data_exits_2_naming_file_and_line(case: str, mode: str, tiny_llama: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_data_exits_2_naming_file_and_line(
+    case: str, mode: str, tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from kubelora_trainer.__main__ import main
 
     lines, expected = BAD_CASES[case]
@@ -210,9 +244,21 @@ def test_validate_only_cli_reports_stats(tiny_llama: Path, tmp_path: Path) -> No
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=40)
     run = make_run(tmp_path, tiny_llama, f"file://{data}", dataset={"evalSplit": 0.25})
     term = tmp_path / "term"
-    proc = subprocess.run([sys.executable, "-m", "kubelora_trainer", "--config", write_config(tmp_path, run),
-                           "--validate-only", "--termination-log", str(term)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubelora_trainer",
+            "--config",
+            write_config(tmp_path, run),
+            "--validate-only",
+            "--termination-log",
+            str(term),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert json.loads(term.read_text()) == result
@@ -223,8 +269,9 @@ def test_validate_only_cli_reports_stats(tiny_llama: Path, tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning",
-                            "ignore:Paged optimizers are not supported on CPU:UserWarning")
+@pytest.mark.filterwarnings(
+    "ignore:.*is_gradient_checkpointing:FutureWarning", "ignore:Paged optimizers are not supported on CPU:UserWarning"
+)
 def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: Path) -> None:
     """No GPU here: build the GPU plan (packing, checkpointing, paged optimizer, best model at end) and run it
     with only the CPU-impossible flags swapped, so a renamed or conflicting TRL argument fails in CI."""
@@ -237,19 +284,32 @@ def test_gpu_mapping_is_accepted_by_trl_and_trains(tiny_llama: Path, tmp_path: P
     from kubelora_trainer.data import DatasetSplits, Record
     from kubelora_trainer.train import to_dataset
 
-    run = make_run(tmp_path, tiny_llama, "file:///unused.jsonl", maxSteps=4, saveSteps=2, evalSteps=2,
-                   gradientCheckpointing=True, optimizer="paged_adamw_32bit")
+    run = make_run(
+        tmp_path,
+        tiny_llama,
+        "file:///unused.jsonl",
+        maxSteps=4,
+        saveSteps=2,
+        evalSteps=2,
+        gradientCheckpointing=True,
+        optimizer="paged_adamw_32bit",
+    )
     gpu = mapping.Device("cuda", bf16=True, flash_attention=False)
-    kw = mapping.sft_kwargs(run.spec, output_dir=str(tmp_path / "ckpt"), device=gpu, data_format="messages",
-                            has_eval=True, train_rows=28)
+    kw = mapping.sft_kwargs(
+        run.spec, output_dir=str(tmp_path / "ckpt"), device=gpu, data_format="messages", has_eval=True, train_rows=28
+    )
     assert kw["packing"] and kw["activation_checkpointing"] and kw["bf16"] and kw["load_best_model_at_end"]
     kw.update(use_cpu=True, bf16=False)
     records = [Record(r, "mem", f"row {i}") for i, r in enumerate(sample_rows(32))]
     splits = DatasetSplits("messages", records[:28], records[28:])
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_llama), args=SFTConfig(**kw),
-                         train_dataset=to_dataset(splits.train), eval_dataset=to_dataset(splits.eval),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_llama),
-                         peft_config=LoraConfig(**mapping.lora_kwargs(run.spec.lora)))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama),
+        args=SFTConfig(**kw),
+        train_dataset=to_dataset(splits.train),
+        eval_dataset=to_dataset(splits.eval),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama),
+        peft_config=LoraConfig(**mapping.lora_kwargs(run.spec.lora)),
+    )
     assert trainer.padding_free  # bfd packing implies padding-free rows
     trainer.train()
     assert trainer.state.global_step == 4 and trainer.state.best_model_checkpoint

@@ -25,13 +25,30 @@ def test_killed_trainer_resumes_from_newest_complete_checkpoint(tiny_llama: Path
     from kubelora_trainer.publish import verify_adapter_dir
 
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=64)
-    run = TrainerRunConfig.model_validate({
-        "name": "bot", "namespace": "team", "revision": 2,
-        "spec": {"baseModel": {"uri": f"file://{tiny_llama}"}, "dataset": {"uri": f"file://{data}", "evalSplit": 0},
-                 "output": {"uri": f"file://{tmp_path}/out"}, "method": "lora", "lora": {"r": 8, "alpha": 16},
-                 "training": {"maxSteps": STEPS, "saveSteps": 10, "learningRate": 5e-3, "batchSize": 4,
-                              "gradientAccumulationSteps": 1, "scheduler": "constant", "warmupRatio": 0,
-                              "maxSeqLength": 128}}})
+    run = TrainerRunConfig.model_validate(
+        {
+            "name": "bot",
+            "namespace": "team",
+            "revision": 2,
+            "spec": {
+                "baseModel": {"uri": f"file://{tiny_llama}"},
+                "dataset": {"uri": f"file://{data}", "evalSplit": 0},
+                "output": {"uri": f"file://{tmp_path}/out"},
+                "method": "lora",
+                "lora": {"r": 8, "alpha": 16},
+                "training": {
+                    "maxSteps": STEPS,
+                    "saveSteps": 10,
+                    "learningRate": 5e-3,
+                    "batchSize": 4,
+                    "gradientAccumulationSteps": 1,
+                    "scheduler": "constant",
+                    "warmupRatio": 0,
+                    "maxSeqLength": 128,
+                },
+            },
+        }
+    )
     cfg = tmp_path / "job.json"
     cfg.write_text(run.model_dump_json(by_alias=True))
     ckpts = tmp_path / "out" / "rev-2" / "checkpoints"
@@ -85,12 +102,26 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tiny_llama: Path, t
                 os.kill(os.getpid(), signal.SIGTERM)
 
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=32)
-    run = TrainerRunConfig.model_validate({
-        "name": "bot", "namespace": "team", "revision": 1,
-        "spec": {"baseModel": {"uri": f"file://{tiny_llama}"}, "dataset": {"uri": f"file://{data}", "evalSplit": 0},
-                 "output": {"uri": f"file://{tmp_path}/out"}, "method": "lora",
-                 "training": {"maxSteps": 10, "saveSteps": 100, "batchSize": 4, "gradientAccumulationSteps": 1,
-                              "maxSeqLength": 128}}})
+    run = TrainerRunConfig.model_validate(
+        {
+            "name": "bot",
+            "namespace": "team",
+            "revision": 1,
+            "spec": {
+                "baseModel": {"uri": f"file://{tiny_llama}"},
+                "dataset": {"uri": f"file://{data}", "evalSplit": 0},
+                "output": {"uri": f"file://{tmp_path}/out"},
+                "method": "lora",
+                "training": {
+                    "maxSteps": 10,
+                    "saveSteps": 100,
+                    "batchSize": 4,
+                    "gradientAccumulationSteps": 1,
+                    "maxSeqLength": 128,
+                },
+            },
+        }
+    )
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingStoppedError, match="stopped by SIGTERM at step 5 after saving checkpoint-5"):
         train(run, Hooks(sinks=[], extra_callbacks=[Terminate()]))

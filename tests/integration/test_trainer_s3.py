@@ -30,8 +30,13 @@ def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[object]:
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": endpoint, "KUBELORA_WORK_DIR": str(tmp_path / "work")}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "KUBELORA_WORK_DIR": str(tmp_path / "work"),
+    }.items():
         monkeypatch.setenv(key, value)
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="lora-data")
@@ -50,14 +55,28 @@ def test_s3_dataset_output_and_checkpoint_mirror(s3: object, tiny_llama: Path, t
     client = s3
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=32)
     client.upload_file(str(data), "lora-data", "datasets/chat.jsonl")  # type: ignore[attr-defined]
-    run = TrainerRunConfig.model_validate({
-        "name": "bot", "namespace": "team", "revision": 1,
-        "spec": {"baseModel": {"uri": f"file://{tiny_llama}"},
-                 "dataset": {"uri": "s3://lora-data/datasets/chat.jsonl", "evalSplit": 0},
-                 "output": {"uri": "s3://lora-data/adapters/bot"}, "method": "lora",
-                 "lora": {"r": 8, "alpha": 16},
-                 "training": {"maxSteps": 6, "saveSteps": 3, "learningRate": 5e-3, "batchSize": 4,
-                              "gradientAccumulationSteps": 1, "maxSeqLength": 128}}})
+    run = TrainerRunConfig.model_validate(
+        {
+            "name": "bot",
+            "namespace": "team",
+            "revision": 1,
+            "spec": {
+                "baseModel": {"uri": f"file://{tiny_llama}"},
+                "dataset": {"uri": "s3://lora-data/datasets/chat.jsonl", "evalSplit": 0},
+                "output": {"uri": "s3://lora-data/adapters/bot"},
+                "method": "lora",
+                "lora": {"r": 8, "alpha": 16},
+                "training": {
+                    "maxSteps": 6,
+                    "saveSteps": 3,
+                    "learningRate": 5e-3,
+                    "batchSize": 4,
+                    "gradientAccumulationSteps": 1,
+                    "maxSeqLength": 128,
+                },
+            },
+        }
+    )
     result = train(run, Hooks(sinks=[]))
     assert result.ok and result.adapter is not None
     assert result.adapter.uri == "s3://lora-data/adapters/bot/rev-1"

@@ -39,12 +39,26 @@ def agent_transport(answers: dict[str, Any]) -> httpx.MockTransport:
 
 
 def test_poll_agents_reads_reports_and_tolerates_bad_agents() -> None:
-    report = {"pod": "a", "engineReady": True, "generation": "7",
-              "adapters": [{"name": "support", "state": "Loaded", "digest": DIGEST}]}
-    answers = {"127.0.0.2": report, "127.0.0.3": 503, "127.0.0.4": httpx.ConnectError("refused"),
-               "127.0.0.5": {"unexpected": True}}
-    pods = [pod("a", "127.0.0.2"), pod("b", "127.0.0.3"), pod("c", "127.0.0.4"), pod("d", "127.0.0.5"),
-            pod("pending", None, phase="Pending"), pod("leaving", "127.0.0.6", terminating=True)]
+    report = {
+        "pod": "a",
+        "engineReady": True,
+        "generation": "7",
+        "adapters": [{"name": "support", "state": "Loaded", "digest": DIGEST}],
+    }
+    answers = {
+        "127.0.0.2": report,
+        "127.0.0.3": 503,
+        "127.0.0.4": httpx.ConnectError("refused"),
+        "127.0.0.5": {"unexpected": True},
+    }
+    pods = [
+        pod("a", "127.0.0.2"),
+        pod("b", "127.0.0.3"),
+        pod("c", "127.0.0.4"),
+        pod("d", "127.0.0.5"),
+        pod("pending", None, phase="Pending"),
+        pod("leaving", "127.0.0.6", terminating=True),
+    ]
     reports = asyncio.run(poll_agents(pods, transport=agent_transport(answers)))
     assert [r.pod for r in reports] == ["a", "b", "c", "d"]
     assert reports[0].report is not None and reports[0].report.adapters[0].state == "Loaded"
@@ -56,9 +70,12 @@ def test_poll_agents_with_no_pods_makes_no_requests() -> None:
 
 
 def ad_body() -> dict[str, Any]:
-    return {"apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment",
-            "metadata": {"name": "support", "namespace": "ml", "uid": "uid-1", "labels": {"team": "a"}},
-            "spec": {"baseModel": {"uri": "file:///m", "servedName": "m"}, "engine": "cpu"}}
+    return {
+        "apiVersion": "kubelora.io/v1alpha1",
+        "kind": "AdapterDeployment",
+        "metadata": {"name": "support", "namespace": "ml", "uid": "uid-1", "labels": {"team": "a"}},
+        "spec": {"baseModel": {"uri": "file:///m", "servedName": "m"}, "engine": "cpu"},
+    }
 
 
 def children(*resolved: ResolvedAdapter) -> list[dict[str, Any]]:
@@ -101,15 +118,30 @@ def test_failed_apply_is_retried_next_time() -> None:
     assert [k["kind"] for k in changed(children(), memo)] == ["Deployment", "Service"]
 
 
-@pytest.mark.parametrize(("manifest", "path"), [
-    pytest.param({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "n"}},
-                 "/api/v1/namespaces/n/configmaps/c", id="core"),
-    pytest.param({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "n"}},
-                 "/apis/apps/v1/namespaces/n/deployments/d", id="apps"),
-    pytest.param({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                  "metadata": {"name": "r", "namespace": "n"}},
-                 "/apis/rbac.authorization.k8s.io/v1/namespaces/n/rolebindings/r", id="rbac"),
-])
+@pytest.mark.parametrize(
+    ("manifest", "path"),
+    [
+        pytest.param(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "n"}},
+            "/api/v1/namespaces/n/configmaps/c",
+            id="core",
+        ),
+        pytest.param(
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "n"}},
+            "/apis/apps/v1/namespaces/n/deployments/d",
+            id="apps",
+        ),
+        pytest.param(
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "r", "namespace": "n"},
+            },
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/n/rolebindings/r",
+            id="rbac",
+        ),
+    ],
+)
 def test_object_path(manifest: dict[str, Any], path: str) -> None:
     assert object_path(manifest) == path
 
@@ -153,5 +185,6 @@ def test_apply_reports_forbidden() -> None:
 def test_status_is_a_merge_patch_on_the_subresource() -> None:
     api = FakeApiClient([200])
     Applier(api).patch_status("/apis/kubelora.io/v1alpha1/namespaces/n/adapterdeployments/a", {"phase": "Ready"})
-    assert api.calls == [("PATCH", "/apis/kubelora.io/v1alpha1/namespaces/n/adapterdeployments/a/status",
-                          "application/merge-patch+json")]
+    assert api.calls == [
+        ("PATCH", "/apis/kubelora.io/v1alpha1/namespaces/n/adapterdeployments/a/status", "application/merge-patch+json")
+    ]

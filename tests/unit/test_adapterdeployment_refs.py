@@ -17,8 +17,9 @@ D2 = "sha256:" + "2" * 64
 BASE = "hf://Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def lorajob(name: str = "bot", phase: str | None = "Succeeded", adapter: dict[str, Any] | None = None,
-            **status: Any) -> dict[str, Any]:
+def lorajob(
+    name: str = "bot", phase: str | None = "Succeeded", adapter: dict[str, Any] | None = None, **status: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "metadata": {"name": name, "namespace": "ml"},
         "spec": {"output": {"uri": f"pvc://adapters/{name}"}},
@@ -30,13 +31,20 @@ def lorajob(name: str = "bot", phase: str | None = "Succeeded", adapter: dict[st
 
 
 def published(digest: str = D1, rank: int = 16, peft_type: str = "LORA", rev: int = 1) -> dict[str, Any]:
-    return {"uri": f"pvc://adapters/bot/rev-{rev}", "digest": digest, "sizeBytes": 1024, "rank": rank,
-            "baseModel": BASE, "peftType": peft_type}
+    return {
+        "uri": f"pvc://adapters/bot/rev-{rev}",
+        "digest": digest,
+        "sizeBytes": 1024,
+        "rank": rank,
+        "baseModel": BASE,
+        "peftType": peft_type,
+    }
 
 
 def spec(*adapters: dict[str, Any], **extra: Any) -> AdapterDeploymentSpec:
     return AdapterDeploymentSpec.model_validate(
-        {"baseModel": {"uri": BASE, "servedName": "qwen"}, "adapters": list(adapters), **extra})
+        {"baseModel": {"uri": BASE, "servedName": "qwen"}, "adapters": list(adapters), **extra}
+    )
 
 
 def ref(name: str = "support", job: str = "bot", **extra: Any) -> dict[str, Any]:
@@ -47,34 +55,110 @@ def views(*bodies: dict[str, Any]) -> dict[str, JobView]:
     return {b["metadata"]["name"]: job_view(b) for b in bodies}
 
 
-@pytest.mark.parametrize(("jobs", "source", "verdict", "reason", "uri", "digest", "in_message"), [
-    pytest.param([lorajob(adapter=published())], ref(), None, "", "pvc://adapters/bot/rev-1", D1, "",
-                 id="succeeded"),
-    pytest.param([lorajob(phase="Running", progress={"percent": 40})], ref(), "Pending", "LoRAJobNotReady", None,
-                 None, "40% trained", id="running"),
-    pytest.param([lorajob(phase=None)], ref(), "Pending", "LoRAJobNotReady", None, None, "Pending",
-                 id="no-status-yet"),
-    pytest.param([lorajob(phase="Running", adapter=published(rev=1))], ref(), None, "", "pvc://adapters/bot/rev-1",
-                 D1, "", id="retraining-keeps-previous-adapter"),
-    pytest.param([lorajob(phase="Failed", conditions=[{"type": "Succeeded", "status": "False",
-                                                       "message": "loss is NaN"}])],
-                 ref(), "Failed", "LoRAJobFailed", None, None, "loss is NaN", id="failed"),
-    pytest.param([], ref(), "Failed", "LoRAJobNotFound", None, None, "'bot' does not exist", id="missing"),
-    pytest.param([lorajob(adapter=published())], ref(digest=D2), "Failed", "DigestMismatch",
-                 "pvc://adapters/bot/rev-1", D1, D2, id="pin-mismatch"),
-    pytest.param([lorajob(adapter=published())], ref(digest=D1), None, "", "pvc://adapters/bot/rev-1", D1, "",
-                 id="pin-match"),
-    pytest.param([lorajob(adapter=published(rank=128))], ref(), "Failed", "RankTooLarge", "pvc://adapters/bot/rev-1",
-                 D1, "rank 128 > vllm.maxLoraRank 64", id="rank-too-large"),
-    pytest.param([lorajob(adapter=published(peft_type="IA3"))], ref(), "Failed", "NotLoRA",
-                 "pvc://adapters/bot/rev-1", D1, "IA3", id="not-lora"),
-    pytest.param([lorajob(adapter={"uri": "x"})], ref(), "Pending", "LoRAJobNotReady", None, None, "",
-                 id="malformed-adapter-status"),
-    pytest.param([], {"name": "legal", "uri": "s3://adapters/legal", "digest": D2}, None, "",
-                 "s3://adapters/legal", D2, "", id="by-uri"),
-])
-def test_resolution(jobs: list[dict[str, Any]], source: dict[str, Any], verdict: str | None, reason: str,
-                    uri: str | None, digest: str | None, in_message: str) -> None:
+@pytest.mark.parametrize(
+    ("jobs", "source", "verdict", "reason", "uri", "digest", "in_message"),
+    [
+        pytest.param(
+            [lorajob(adapter=published())], ref(), None, "", "pvc://adapters/bot/rev-1", D1, "", id="succeeded"
+        ),
+        pytest.param(
+            [lorajob(phase="Running", progress={"percent": 40})],
+            ref(),
+            "Pending",
+            "LoRAJobNotReady",
+            None,
+            None,
+            "40% trained",
+            id="running",
+        ),
+        pytest.param(
+            [lorajob(phase=None)], ref(), "Pending", "LoRAJobNotReady", None, None, "Pending", id="no-status-yet"
+        ),
+        pytest.param(
+            [lorajob(phase="Running", adapter=published(rev=1))],
+            ref(),
+            None,
+            "",
+            "pvc://adapters/bot/rev-1",
+            D1,
+            "",
+            id="retraining-keeps-previous-adapter",
+        ),
+        pytest.param(
+            [lorajob(phase="Failed", conditions=[{"type": "Succeeded", "status": "False", "message": "loss is NaN"}])],
+            ref(),
+            "Failed",
+            "LoRAJobFailed",
+            None,
+            None,
+            "loss is NaN",
+            id="failed",
+        ),
+        pytest.param([], ref(), "Failed", "LoRAJobNotFound", None, None, "'bot' does not exist", id="missing"),
+        pytest.param(
+            [lorajob(adapter=published())],
+            ref(digest=D2),
+            "Failed",
+            "DigestMismatch",
+            "pvc://adapters/bot/rev-1",
+            D1,
+            D2,
+            id="pin-mismatch",
+        ),
+        pytest.param(
+            [lorajob(adapter=published())], ref(digest=D1), None, "", "pvc://adapters/bot/rev-1", D1, "", id="pin-match"
+        ),
+        pytest.param(
+            [lorajob(adapter=published(rank=128))],
+            ref(),
+            "Failed",
+            "RankTooLarge",
+            "pvc://adapters/bot/rev-1",
+            D1,
+            "rank 128 > vllm.maxLoraRank 64",
+            id="rank-too-large",
+        ),
+        pytest.param(
+            [lorajob(adapter=published(peft_type="IA3"))],
+            ref(),
+            "Failed",
+            "NotLoRA",
+            "pvc://adapters/bot/rev-1",
+            D1,
+            "IA3",
+            id="not-lora",
+        ),
+        pytest.param(
+            [lorajob(adapter={"uri": "x"})],
+            ref(),
+            "Pending",
+            "LoRAJobNotReady",
+            None,
+            None,
+            "",
+            id="malformed-adapter-status",
+        ),
+        pytest.param(
+            [],
+            {"name": "legal", "uri": "s3://adapters/legal", "digest": D2},
+            None,
+            "",
+            "s3://adapters/legal",
+            D2,
+            "",
+            id="by-uri",
+        ),
+    ],
+)
+def test_resolution(
+    jobs: list[dict[str, Any]],
+    source: dict[str, Any],
+    verdict: str | None,
+    reason: str,
+    uri: str | None,
+    digest: str | None,
+    in_message: str,
+) -> None:
     [resolved] = resolve_adapters(spec(source), views(*jobs))
     assert (resolved.verdict, resolved.reason, resolved.uri, resolved.digest) == (verdict, reason, uri, digest)
     assert in_message in resolved.message
@@ -102,7 +186,11 @@ def test_too_many_adapters_fails_only_the_extra_ones() -> None:
     adapters = [{"name": f"a{i}", "uri": f"s3://bucket/a{i}"} for i in range(3)]
     resolved = resolve_adapters(spec(ref("missing", "nope"), *adapters, vllm={"maxLoras": 1, "maxCpuLoras": 2}), {})
     assert [(r.name, r.reason) for r in resolved] == [
-        ("missing", "LoRAJobNotFound"), ("a0", ""), ("a1", ""), ("a2", "TooManyAdapters")]
+        ("missing", "LoRAJobNotFound"),
+        ("a0", ""),
+        ("a1", ""),
+        ("a2", "TooManyAdapters"),
+    ]
 
 
 def test_referenced_jobs() -> None:
@@ -112,23 +200,73 @@ def test_referenced_jobs() -> None:
 SERVED_BEFORE = AdapterStatus(name="support", state="Loaded", uri="pvc://adapters/bot/rev-1", digest=D1)
 
 
-@pytest.mark.parametrize(("job", "previous", "source", "verdict", "reason", "uri"), [
-    pytest.param(lorajob(phase="Running"), SERVED_BEFORE, ref(), None, "LoRAJobNotReady",
-                 "pvc://adapters/bot/rev-1", id="retraining-keeps-serving"),
-    pytest.param(lorajob(phase="Failed"), SERVED_BEFORE, ref(), None, "LoRAJobFailed", "pvc://adapters/bot/rev-1",
-                 id="failed-retraining-keeps-serving"),
-    pytest.param(lorajob(phase="Failed", adapter=published()), None, ref(), None, "LoRAJobFailed",
-                 "pvc://adapters/bot/rev-1", id="failed-but-published"),
-    pytest.param(lorajob(phase="Running"), SERVED_BEFORE.model_copy(update={"uri": "pvc://adapters/other/rev-1"}),
-                 ref(), "Pending", "LoRAJobNotReady", None, id="previous-from-another-job"),
-    pytest.param(lorajob(phase="Running"), SERVED_BEFORE, ref(digest=D2), "Pending", "LoRAJobNotReady", None,
-                 id="previous-breaks-pin"),
-    pytest.param(lorajob(phase="Running"), SERVED_BEFORE.model_copy(update={"digest": None}), ref(), "Pending",
-                 "LoRAJobNotReady", None, id="previous-without-digest"),
-])
-def test_previous_adapter_is_kept_while_its_job_retrains(job: dict[str, Any], previous: AdapterStatus | None,
-                                                        source: dict[str, Any], verdict: str | None, reason: str,
-                                                        uri: str | None) -> None:
+@pytest.mark.parametrize(
+    ("job", "previous", "source", "verdict", "reason", "uri"),
+    [
+        pytest.param(
+            lorajob(phase="Running"),
+            SERVED_BEFORE,
+            ref(),
+            None,
+            "LoRAJobNotReady",
+            "pvc://adapters/bot/rev-1",
+            id="retraining-keeps-serving",
+        ),
+        pytest.param(
+            lorajob(phase="Failed"),
+            SERVED_BEFORE,
+            ref(),
+            None,
+            "LoRAJobFailed",
+            "pvc://adapters/bot/rev-1",
+            id="failed-retraining-keeps-serving",
+        ),
+        pytest.param(
+            lorajob(phase="Failed", adapter=published()),
+            None,
+            ref(),
+            None,
+            "LoRAJobFailed",
+            "pvc://adapters/bot/rev-1",
+            id="failed-but-published",
+        ),
+        pytest.param(
+            lorajob(phase="Running"),
+            SERVED_BEFORE.model_copy(update={"uri": "pvc://adapters/other/rev-1"}),
+            ref(),
+            "Pending",
+            "LoRAJobNotReady",
+            None,
+            id="previous-from-another-job",
+        ),
+        pytest.param(
+            lorajob(phase="Running"),
+            SERVED_BEFORE,
+            ref(digest=D2),
+            "Pending",
+            "LoRAJobNotReady",
+            None,
+            id="previous-breaks-pin",
+        ),
+        pytest.param(
+            lorajob(phase="Running"),
+            SERVED_BEFORE.model_copy(update={"digest": None}),
+            ref(),
+            "Pending",
+            "LoRAJobNotReady",
+            None,
+            id="previous-without-digest",
+        ),
+    ],
+)
+def test_previous_adapter_is_kept_while_its_job_retrains(
+    job: dict[str, Any],
+    previous: AdapterStatus | None,
+    source: dict[str, Any],
+    verdict: str | None,
+    reason: str,
+    uri: str | None,
+) -> None:
     [resolved] = resolve_adapters(spec(source), views(job), [previous] if previous else [])
     assert (resolved.verdict, resolved.reason, resolved.uri) == (verdict, reason, uri)
     assert (resolved.desired is not None) == (verdict is None)
@@ -136,8 +274,9 @@ def test_previous_adapter_is_kept_while_its_job_retrains(job: dict[str, Any], pr
 
 def test_note_shows_on_a_loaded_adapter() -> None:
     [resolved] = resolve_adapters(spec(ref()), views(lorajob(phase="Running")), [SERVED_BEFORE])
-    report = AgentReport(pod="p", engine_ready=True, adapters=[
-        AgentAdapterState(name="support", state="Loaded", digest=D1)])
+    report = AgentReport(
+        pod="p", engine_ready=True, adapters=[AgentAdapterState(name="support", state="Loaded", digest=D1)]
+    )
     status = aggregate_adapter(resolved, [ReplicaReport(pod="p", ready=True, report=report)], None, "t")
     assert (status.state, status.reason, status.digest) == ("Loaded", "LoRAJobNotReady", D1)
     assert "serving its previous adapter" in status.message

@@ -22,11 +22,27 @@ SUPPORT = ResolvedAdapter("support", uri="pvc://adapters/s/rev-1", digest=D1)
 LEGAL = ResolvedAdapter("legal", uri="s3://b/legal")
 
 
-def agent(pod: str, *states: tuple[str, str], digest: str | None = D1, engine_ready: bool = True,
-          ready: bool = True, reason: str = "", message: str = "") -> ReplicaReport:
-    adapters = [AgentAdapterState.model_validate({"name": n, "state": s, "digest": digest,
-                                                  "reason": reason if s == "Failed" else "",
-                                                  "message": message if s == "Failed" else ""}) for n, s in states]
+def agent(
+    pod: str,
+    *states: tuple[str, str],
+    digest: str | None = D1,
+    engine_ready: bool = True,
+    ready: bool = True,
+    reason: str = "",
+    message: str = "",
+) -> ReplicaReport:
+    adapters = [
+        AgentAdapterState.model_validate(
+            {
+                "name": n,
+                "state": s,
+                "digest": digest,
+                "reason": reason if s == "Failed" else "",
+                "message": message if s == "Failed" else "",
+            }
+        )
+        for n, s in states
+    ]
     report = AgentReport(pod=pod, engine_ready=engine_ready, adapters=adapters)
     return ReplicaReport(pod=pod, ready=ready, report=report)
 
@@ -35,44 +51,114 @@ def silent(pod: str) -> ReplicaReport:
     return ReplicaReport(pod=pod, ready=False, error="ConnectError")
 
 
-@pytest.mark.parametrize(("adapter", "replicas", "state", "loaded", "reason", "message"), [
-    pytest.param(SUPPORT, [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loaded"))],
-                 "Loaded", 2, "", "", id="loaded-everywhere"),
-    pytest.param(SUPPORT, [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loading"))],
-                 "Loading", 1, "", "", id="loading-on-one"),
-    pytest.param(SUPPORT, [agent("p1", ("support", "Downloading")), agent("p2", ("support", "Loading"))],
-                 "Downloading", 0, "", "", id="least-advanced-wins"),
-    pytest.param(SUPPORT, [agent(p, ("support", "Failed"), reason="DigestMismatch", message="bad")
-                           for p in ("p1", "p2")],
-                 "Failed", 0, "DigestMismatch", "bad", id="failed-everywhere"),
-    pytest.param(SUPPORT, [agent("p1", ("support", "Loaded")),
-                           agent("p2", ("support", "Failed"), reason="LoadFailed", message="oom")],
-                 "Failed", 1, "LoadFailed", "p2: oom", id="failed-on-one"),
-    pytest.param(SUPPORT, [agent("p1")], "Pending", 0, "", "", id="agent-has-not-seen-it"),
-    pytest.param(SUPPORT, [agent("p1", ("support", "Loaded"), digest=D2)], "Pending", 0, "",
-                 "waiting for the new digest", id="stale-digest"),
-    pytest.param(LEGAL, [agent("p1", ("legal", "Loaded"), digest=D2)], "Loaded", 1, "", "", id="unpinned-any-digest"),
-    pytest.param(SUPPORT, [silent("p1")], "Pending", 0, "", "waiting for a replica to report", id="no-reports"),
-    pytest.param(SUPPORT, [agent("p1", ("support", "Loaded")), silent("p2")], "Loaded", 1, "", "",
-                 id="silent-replica-ignored"),
-    pytest.param(ResolvedAdapter("x", verdict="Failed", reason="LoRAJobNotFound", message="gone"),
-                 [agent("p1", ("x", "Loaded"))], "Failed", 0, "LoRAJobNotFound", "gone", id="operator-verdict"),
-])
-def test_adapter_state(adapter: ResolvedAdapter, replicas: list[ReplicaReport], state: str, loaded: int,
-                       reason: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("adapter", "replicas", "state", "loaded", "reason", "message"),
+    [
+        pytest.param(
+            SUPPORT,
+            [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loaded"))],
+            "Loaded",
+            2,
+            "",
+            "",
+            id="loaded-everywhere",
+        ),
+        pytest.param(
+            SUPPORT,
+            [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loading"))],
+            "Loading",
+            1,
+            "",
+            "",
+            id="loading-on-one",
+        ),
+        pytest.param(
+            SUPPORT,
+            [agent("p1", ("support", "Downloading")), agent("p2", ("support", "Loading"))],
+            "Downloading",
+            0,
+            "",
+            "",
+            id="least-advanced-wins",
+        ),
+        pytest.param(
+            SUPPORT,
+            [agent(p, ("support", "Failed"), reason="DigestMismatch", message="bad") for p in ("p1", "p2")],
+            "Failed",
+            0,
+            "DigestMismatch",
+            "bad",
+            id="failed-everywhere",
+        ),
+        pytest.param(
+            SUPPORT,
+            [
+                agent("p1", ("support", "Loaded")),
+                agent("p2", ("support", "Failed"), reason="LoadFailed", message="oom"),
+            ],
+            "Failed",
+            1,
+            "LoadFailed",
+            "p2: oom",
+            id="failed-on-one",
+        ),
+        pytest.param(SUPPORT, [agent("p1")], "Pending", 0, "", "", id="agent-has-not-seen-it"),
+        pytest.param(
+            SUPPORT,
+            [agent("p1", ("support", "Loaded"), digest=D2)],
+            "Pending",
+            0,
+            "",
+            "waiting for the new digest",
+            id="stale-digest",
+        ),
+        pytest.param(
+            LEGAL, [agent("p1", ("legal", "Loaded"), digest=D2)], "Loaded", 1, "", "", id="unpinned-any-digest"
+        ),
+        pytest.param(SUPPORT, [silent("p1")], "Pending", 0, "", "waiting for a replica to report", id="no-reports"),
+        pytest.param(
+            SUPPORT,
+            [agent("p1", ("support", "Loaded")), silent("p2")],
+            "Loaded",
+            1,
+            "",
+            "",
+            id="silent-replica-ignored",
+        ),
+        pytest.param(
+            ResolvedAdapter("x", verdict="Failed", reason="LoRAJobNotFound", message="gone"),
+            [agent("p1", ("x", "Loaded"))],
+            "Failed",
+            0,
+            "LoRAJobNotFound",
+            "gone",
+            id="operator-verdict",
+        ),
+    ],
+)
+def test_adapter_state(
+    adapter: ResolvedAdapter, replicas: list[ReplicaReport], state: str, loaded: int, reason: str, message: str
+) -> None:
     status = aggregate_adapter(adapter, replicas, None, T0)
     assert (status.state, status.loaded_replicas, status.reason, status.message) == (state, loaded, reason, message)
     assert status.last_transition_time == T0
 
 
-ROLLED = DeploymentView(generation=2, observed_generation=2, replicas=2, ready_replicas=2, updated_replicas=2,
-                        rollout_complete=True)
+ROLLED = DeploymentView(
+    generation=2, observed_generation=2, replicas=2, ready_replicas=2, updated_replicas=2, rollout_complete=True
+)
 
 
 def observed(**kw: Any) -> Observed:
-    base: dict[str, Any] = {"generation": 4, "desired_replicas": 2, "endpoint": "http://s.ml.svc:8000/v1",
-                            "desired_adapters": 1, "resolved": [SUPPORT], "deployment": ROLLED,
-                            "replicas": [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loaded"))]}
+    base: dict[str, Any] = {
+        "generation": 4,
+        "desired_replicas": 2,
+        "endpoint": "http://s.ml.svc:8000/v1",
+        "desired_adapters": 1,
+        "resolved": [SUPPORT],
+        "deployment": ROLLED,
+        "replicas": [agent("p1", ("support", "Loaded")), agent("p2", ("support", "Loaded"))],
+    }
     return Observed(**{**base, **kw})
 
 
@@ -81,54 +167,120 @@ def roll(**kw: Any) -> DeploymentView:
     return DeploymentView(**fields)
 
 
-@pytest.mark.parametrize(("obs", "phase", "ready", "progressing", "degraded"), [
-    pytest.param(observed(), "Ready", ("True", "AllReady"), ("False", "AllReady"), ("False", "AllReady"),
-                 id="all-ready"),
-    pytest.param(observed(deployment=None, replicas=[]), "Pending", ("False", "ReplicasUnavailable"),
-                 ("True", "ReplicasUnavailable"), ("False", "ReplicasUnavailable"), id="no-deployment-yet"),
-    pytest.param(observed(resolved=[SUPPORT, ResolvedAdapter("gone", verdict="Failed", reason="LoRAJobNotFound")],
-                          desired_adapters=2),
-                 "Degraded", ("True", "AllReady"), ("False", "AllReady"), ("True", "AdaptersFailed"),
-                 id="failed-adapter-others-served"),
-    pytest.param(observed(deployment=roll(ready_replicas=1, rollout_complete=False)), "Progressing",
-                 ("False", "ReplicasUnavailable"), ("True", "ReplicasUnavailable"), ("False", "ReplicasUnavailable"),
-                 id="rolling-out"),
-    pytest.param(observed(deployment=roll(ready_replicas=1), replicas=[agent("p1", ("support", "Loaded"))]),
-                 "Degraded", ("False", "ReplicasUnavailable"), ("True", "ReplicasUnavailable"),
-                 ("True", "ReplicasUnavailable"), id="replica-lost-after-rollout"),
-    pytest.param(observed(deployment=roll(ready_replicas=0),
-                          replicas=[agent("p1", ("support", "Loading"), ready=False)]),
-                 "Progressing", ("False", "AdaptersPending"), ("True", "AdaptersPending"), ("False", "AdaptersPending"),
-                 id="engine-up-adapter-loading"),
-    pytest.param(observed(deployment=roll(ready_replicas=0, rollout_complete=False, deadline_exceeded=True,
-                                          message="ReplicaSet has timed out progressing."), replicas=[]),
-                 "Failed", ("False", "ReplicasUnavailable"), ("False", "ReplicasUnavailable"),
-                 ("True", "ReplicasUnavailable"), id="progress-deadline"),
-    pytest.param(observed(invalid="invalid spec: x"), "Failed", ("False", "InvalidSpec"), ("False", "InvalidSpec"),
-                 ("False", "InvalidSpec"), id="invalid-spec"),
-    pytest.param(observed(desired_replicas=0, deployment=roll(replicas=0, ready_replicas=0, updated_replicas=0),
-                          replicas=[]),
-                 "Ready", ("True", "AllReady"), ("False", "AllReady"), ("False", "AllReady"), id="scaled-to-zero"),
-])
-def test_phase_and_conditions(obs: Observed, phase: str, ready: tuple[str, str], progressing: tuple[str, str],
-                              degraded: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("obs", "phase", "ready", "progressing", "degraded"),
+    [
+        pytest.param(
+            observed(), "Ready", ("True", "AllReady"), ("False", "AllReady"), ("False", "AllReady"), id="all-ready"
+        ),
+        pytest.param(
+            observed(deployment=None, replicas=[]),
+            "Pending",
+            ("False", "ReplicasUnavailable"),
+            ("True", "ReplicasUnavailable"),
+            ("False", "ReplicasUnavailable"),
+            id="no-deployment-yet",
+        ),
+        pytest.param(
+            observed(
+                resolved=[SUPPORT, ResolvedAdapter("gone", verdict="Failed", reason="LoRAJobNotFound")],
+                desired_adapters=2,
+            ),
+            "Degraded",
+            ("True", "AllReady"),
+            ("False", "AllReady"),
+            ("True", "AdaptersFailed"),
+            id="failed-adapter-others-served",
+        ),
+        pytest.param(
+            observed(deployment=roll(ready_replicas=1, rollout_complete=False)),
+            "Progressing",
+            ("False", "ReplicasUnavailable"),
+            ("True", "ReplicasUnavailable"),
+            ("False", "ReplicasUnavailable"),
+            id="rolling-out",
+        ),
+        pytest.param(
+            observed(deployment=roll(ready_replicas=1), replicas=[agent("p1", ("support", "Loaded"))]),
+            "Degraded",
+            ("False", "ReplicasUnavailable"),
+            ("True", "ReplicasUnavailable"),
+            ("True", "ReplicasUnavailable"),
+            id="replica-lost-after-rollout",
+        ),
+        pytest.param(
+            observed(deployment=roll(ready_replicas=0), replicas=[agent("p1", ("support", "Loading"), ready=False)]),
+            "Progressing",
+            ("False", "AdaptersPending"),
+            ("True", "AdaptersPending"),
+            ("False", "AdaptersPending"),
+            id="engine-up-adapter-loading",
+        ),
+        pytest.param(
+            observed(
+                deployment=roll(
+                    ready_replicas=0,
+                    rollout_complete=False,
+                    deadline_exceeded=True,
+                    message="ReplicaSet has timed out progressing.",
+                ),
+                replicas=[],
+            ),
+            "Failed",
+            ("False", "ReplicasUnavailable"),
+            ("False", "ReplicasUnavailable"),
+            ("True", "ReplicasUnavailable"),
+            id="progress-deadline",
+        ),
+        pytest.param(
+            observed(invalid="invalid spec: x"),
+            "Failed",
+            ("False", "InvalidSpec"),
+            ("False", "InvalidSpec"),
+            ("False", "InvalidSpec"),
+            id="invalid-spec",
+        ),
+        pytest.param(
+            observed(
+                desired_replicas=0, deployment=roll(replicas=0, ready_replicas=0, updated_replicas=0), replicas=[]
+            ),
+            "Ready",
+            ("True", "AllReady"),
+            ("False", "AllReady"),
+            ("False", "AllReady"),
+            id="scaled-to-zero",
+        ),
+    ],
+)
+def test_phase_and_conditions(
+    obs: Observed, phase: str, ready: tuple[str, str], progressing: tuple[str, str], degraded: tuple[str, str]
+) -> None:
     status = aggregate_status(obs, None, T0)
     conds = {c.type: (c.status, c.reason) for c in status.conditions}
     assert (status.phase, conds["Ready"], conds["Progressing"], conds["Degraded"]) == (
-        phase, ready, progressing, degraded)
+        phase,
+        ready,
+        progressing,
+        degraded,
+    )
     assert all(c.observed_generation == 4 for c in status.conditions)
     assert status.observed_generation == 4
     assert status.endpoint == "http://s.ml.svc:8000/v1"
 
 
 def test_summary_fields() -> None:
-    obs = observed(resolved=[SUPPORT, LEGAL], desired_adapters=2,
-                   replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loading"))],
-                   deployment=roll(replicas=1, ready_replicas=0))
+    obs = observed(
+        resolved=[SUPPORT, LEGAL],
+        desired_adapters=2,
+        replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loading"))],
+        deployment=roll(replicas=1, ready_replicas=0),
+    )
     status = aggregate_status(obs, None, T0)
     assert (status.replicas, status.ready_replicas, status.adapters_ready) == (1, 0, "1/2")
-    assert [(a.name, a.state, a.loaded_replicas) for a in status.adapters] == [("support", "Loaded", 1),
-                                                                             ("legal", "Loading", 0)]
+    assert [(a.name, a.state, a.loaded_replicas) for a in status.adapters] == [
+        ("support", "Loaded", 1),
+        ("legal", "Loading", 0),
+    ]
 
 
 def test_steady_state_writes_nothing() -> None:
@@ -139,10 +291,24 @@ def test_steady_state_writes_nothing() -> None:
 
 
 def test_transition_times_move_only_on_change() -> None:
-    first = aggregate_status(observed(resolved=[SUPPORT, LEGAL], desired_adapters=2,
-                                      replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loading"))]), None, T0)
-    second = aggregate_status(observed(resolved=[SUPPORT, LEGAL], desired_adapters=2,
-                                       replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loaded"))]), first, T1)
+    first = aggregate_status(
+        observed(
+            resolved=[SUPPORT, LEGAL],
+            desired_adapters=2,
+            replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loading"))],
+        ),
+        None,
+        T0,
+    )
+    second = aggregate_status(
+        observed(
+            resolved=[SUPPORT, LEGAL],
+            desired_adapters=2,
+            replicas=[agent("p1", ("support", "Loaded"), ("legal", "Loaded"))],
+        ),
+        first,
+        T1,
+    )
     times = {a.name: a.last_transition_time for a in second.adapters}
     assert times == {"support": T0, "legal": T1}
     conds = {c.type: c.last_transition_time for c in second.conditions}
@@ -168,32 +334,66 @@ def test_previous_status_round_trips() -> None:
     assert AdapterDeploymentStatus.model_validate(status.wire()) == status
 
 
-@pytest.mark.parametrize(("spec", "needle"), [
-    pytest.param({"baseModel": {"uri": "hf://a/b", "servedName": "b"},
-                  "adapters": [{"name": "x", "uri": "file:///a"}, {"name": "x", "uri": "file:///b"}]},
-                 "listed twice", id="duplicate-names"),
-    pytest.param({"baseModel": {"uri": "hf://a/b", "servedName": "b"},
-                  "adapters": [{"name": "x", "uri": "file:///a", "loraJobRef": {"name": "j"}}]},
-                 "exactly one of loraJobRef or uri", id="two-sources"),
-    pytest.param({"baseModel": {"uri": "hf://a/b", "servedName": "b"}, "vllm": {"maxLoras": 9, "maxCpuLoras": 2}},
-                 "maxCpuLoras", id="cpu-loras-below-loras"),
-])
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        pytest.param(
+            {
+                "baseModel": {"uri": "hf://a/b", "servedName": "b"},
+                "adapters": [{"name": "x", "uri": "file:///a"}, {"name": "x", "uri": "file:///b"}],
+            },
+            "listed twice",
+            id="duplicate-names",
+        ),
+        pytest.param(
+            {
+                "baseModel": {"uri": "hf://a/b", "servedName": "b"},
+                "adapters": [{"name": "x", "uri": "file:///a", "loraJobRef": {"name": "j"}}],
+            },
+            "exactly one of loraJobRef or uri",
+            id="two-sources",
+        ),
+        pytest.param(
+            {"baseModel": {"uri": "hf://a/b", "servedName": "b"}, "vllm": {"maxLoras": 9, "maxCpuLoras": 2}},
+            "maxCpuLoras",
+            id="cpu-loras-below-loras",
+        ),
+    ],
+)
 def test_parse_spec_reports_rules_the_crd_cannot(spec: dict[str, Any], needle: str) -> None:
     parsed, invalid = parse_spec({"spec": spec})
     assert parsed is None and invalid is not None and needle in invalid
 
 
 def test_views_from_objects() -> None:
-    dep = deployment_view({"metadata": {"generation": 3}, "status": {
-        "observedGeneration": 3, "replicas": 2, "readyReplicas": 1, "updatedReplicas": 2,
-        "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]}})
+    dep = deployment_view(
+        {
+            "metadata": {"generation": 3},
+            "status": {
+                "observedGeneration": 3,
+                "replicas": 2,
+                "readyReplicas": 1,
+                "updatedReplicas": 2,
+                "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}],
+            },
+        }
+    )
     assert dep == DeploymentView(3, 3, 2, 1, 2, rollout_complete=True, message="")
-    pod = pod_view({"metadata": {"name": "p", "uid": "u"}, "status": {
-        "phase": "Running", "podIP": "127.0.0.5", "conditions": [{"type": "Ready", "status": "True"}],
-        "containerStatuses": [{"restartCount": 1}, {"restartCount": 2}]}})
+    pod = pod_view(
+        {
+            "metadata": {"name": "p", "uid": "u"},
+            "status": {
+                "phase": "Running",
+                "podIP": "127.0.0.5",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"restartCount": 1}, {"restartCount": 2}],
+            },
+        }
+    )
     assert (pod.ip, pod.ready, pod.restarts, pod.pollable) == ("127.0.0.5", True, 3, True)
-    assert not pod_view({"metadata": {"name": "p", "deletionTimestamp": "x"}, "status": {"phase": "Running",
-                                                                                         "podIP": "1"}}).pollable
+    assert not pod_view(
+        {"metadata": {"name": "p", "deletionTimestamp": "x"}, "status": {"phase": "Running", "podIP": "1"}}
+    ).pollable
 
 
 def test_server_defaults_and_empty_strings_are_not_changes() -> None:

@@ -17,14 +17,23 @@ from kubelora.reconcile.admission import (
 from kubelora.settings import Settings
 
 JOB: dict[str, Any] = {
-    "apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": "bot", "generation": 1},
-    "spec": {"baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct"}, "dataset": {"uri": "pvc://data/a.jsonl"},
-             "output": {"uri": "pvc://adapters/bot"}},
+    "apiVersion": "kubelora.io/v1alpha1",
+    "kind": "LoRAJob",
+    "metadata": {"name": "bot", "generation": 1},
+    "spec": {
+        "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct"},
+        "dataset": {"uri": "pvc://data/a.jsonl"},
+        "output": {"uri": "pvc://adapters/bot"},
+    },
 }
 AD: dict[str, Any] = {
-    "apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": "srv"},
-    "spec": {"baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct", "servedName": "qwen"},
-             "adapters": [{"name": "support", "loraJobRef": {"name": "bot"}}]},
+    "apiVersion": "kubelora.io/v1alpha1",
+    "kind": "AdapterDeployment",
+    "metadata": {"name": "srv"},
+    "spec": {
+        "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct", "servedName": "qwen"},
+        "adapters": [{"name": "support", "loraJobRef": {"name": "bot"}}],
+    },
 }
 
 
@@ -42,14 +51,23 @@ def in_phase(phase: str, **status: Any) -> dict[str, Any]:
     return edit(JOB, "status", {"phase": phase, "revision": 1, **status})
 
 
-@pytest.mark.parametrize(("new", "expected"), [
-    pytest.param(JOB, None, id="valid"),
-    pytest.param(edit(JOB, "spec.lora.r", 0), "invalid spec: spec.lora.r: Input should be greater than or equal to 1",
-                 id="bad-rank"),
-    pytest.param(edit(edit(JOB, "spec.method", "lora"), "spec.quantization", {"quantType": "nf4"}),
-                 "invalid spec: spec: quantization is only used with method: qlora", id="lora-with-quantization"),
-    pytest.param(edit(JOB, "spec.dataset.evalUri", "pvc://data/b.jsonl"), None, id="eval-uri-alone"),
-])
+@pytest.mark.parametrize(
+    ("new", "expected"),
+    [
+        pytest.param(JOB, None, id="valid"),
+        pytest.param(
+            edit(JOB, "spec.lora.r", 0),
+            "invalid spec: spec.lora.r: Input should be greater than or equal to 1",
+            id="bad-rank",
+        ),
+        pytest.param(
+            edit(edit(JOB, "spec.method", "lora"), "spec.quantization", {"quantType": "nf4"}),
+            "invalid spec: spec: quantization is only used with method: qlora",
+            id="lora-with-quantization",
+        ),
+        pytest.param(edit(JOB, "spec.dataset.evalUri", "pvc://data/b.jsonl"), None, id="eval-uri-alone"),
+    ],
+)
 def test_lorajob_spec_on_create(new: dict[str, Any], expected: str | None) -> None:
     error = lorajob_spec_error(new)
     if expected is None:
@@ -58,14 +76,27 @@ def test_lorajob_spec_on_create(new: dict[str, Any], expected: str | None) -> No
         assert error is not None and error.startswith(expected), error
 
 
-@pytest.mark.parametrize(("spec_path", "value", "expected"), [
-    pytest.param("spec.adapters", AD["spec"]["adapters"] * 2, "adapter name 'support' is listed twice",
-                 id="duplicate-adapter-names"),
-    pytest.param("spec.adapters", [{"name": "a", "loraJobRef": {"name": "bot"}, "uri": "pvc://x/y"}],
-                 "set exactly one of loraJobRef or uri", id="ref-and-uri"),
-    pytest.param("spec.adapters", [{"name": "a"}], "set exactly one of loraJobRef or uri", id="neither-ref-nor-uri"),
-    pytest.param("spec.adapters", [{"name": "a", "uri": "pvc://x/y"}], None, id="uri-only"),
-])
+@pytest.mark.parametrize(
+    ("spec_path", "value", "expected"),
+    [
+        pytest.param(
+            "spec.adapters",
+            AD["spec"]["adapters"] * 2,
+            "adapter name 'support' is listed twice",
+            id="duplicate-adapter-names",
+        ),
+        pytest.param(
+            "spec.adapters",
+            [{"name": "a", "loraJobRef": {"name": "bot"}, "uri": "pvc://x/y"}],
+            "set exactly one of loraJobRef or uri",
+            id="ref-and-uri",
+        ),
+        pytest.param(
+            "spec.adapters", [{"name": "a"}], "set exactly one of loraJobRef or uri", id="neither-ref-nor-uri"
+        ),
+        pytest.param("spec.adapters", [{"name": "a", "uri": "pvc://x/y"}], None, id="uri-only"),
+    ],
+)
 def test_adapterdeployment_spec(spec_path: str, value: Any, expected: str | None) -> None:
     error = adapterdeployment_spec_error(edit(AD, spec_path, value))
     if expected is None:
@@ -81,31 +112,59 @@ def test_unchanged_invalid_spec_is_admitted() -> None:
     assert lorajob_spec_error(edit(bad, "spec.lora.r", 1024), old=bad) is not None
 
 
-@pytest.mark.parametrize(("old", "new", "rejected"), [
-    pytest.param(in_phase("Running"), edit(in_phase("Running"), "spec.lora.r", 32), ["spec.lora.r"],
-                 id="rank-while-running"),
-    pytest.param(in_phase("Validating"), edit(in_phase("Validating"), "spec.training.learningRate", 1e-4),
-                 ["spec.training.learningRate"], id="lr-while-validating"),
-    pytest.param(in_phase("Suspended"), edit(edit(in_phase("Suspended"), "spec.lora.r", 8), "spec.method", "lora"),
-                 ["spec.lora.r", "spec.method"], id="two-fields-while-suspended"),
-    pytest.param(in_phase("Succeeded"), edit(in_phase("Succeeded"), "spec.lora.r", 32), None,
-                 id="rank-after-succeeded"),
-    pytest.param(in_phase("Failed"), edit(in_phase("Failed"), "spec.lora.r", 32), None, id="rank-after-failed"),
-    pytest.param(in_phase("Pending"), edit(in_phase("Pending"), "spec.lora.r", 32), None, id="rank-while-pending"),
-    pytest.param(in_phase("Running"), edit(in_phase("Running"), "spec.suspend", True), None,
-                 id="suspend-while-running"),
-    pytest.param(in_phase("Running"), edit(in_phase("Running"), "spec.resources", {"gpu": 2}), None,
-                 id="resources-while-running"),
-    pytest.param(in_phase("Running"), edit(in_phase("Running"), "status.progress", {"step": 3}), None,
-                 id="status-only"),
-    pytest.param(in_phase("Running"), edit(in_phase("Running"), "spec.lora.r", 0), None,
-                 id="invalid-new-spec-left-to-spec-check"),
-    pytest.param(in_phase("Running", conditions=[{"type": "Validated", "status": "False", "reason": "SpecImmutable"}]),
-                 edit(in_phase("Running"), "spec.lora.r", 32), None, id="revert-of-earlier-drift"),
-    pytest.param(None, in_phase("Running"), None, id="create"),
-])
-def test_training_fields_while_in_progress(old: dict[str, Any] | None, new: dict[str, Any],
-                                           rejected: list[str] | None) -> None:
+@pytest.mark.parametrize(
+    ("old", "new", "rejected"),
+    [
+        pytest.param(
+            in_phase("Running"), edit(in_phase("Running"), "spec.lora.r", 32), ["spec.lora.r"], id="rank-while-running"
+        ),
+        pytest.param(
+            in_phase("Validating"),
+            edit(in_phase("Validating"), "spec.training.learningRate", 1e-4),
+            ["spec.training.learningRate"],
+            id="lr-while-validating",
+        ),
+        pytest.param(
+            in_phase("Suspended"),
+            edit(edit(in_phase("Suspended"), "spec.lora.r", 8), "spec.method", "lora"),
+            ["spec.lora.r", "spec.method"],
+            id="two-fields-while-suspended",
+        ),
+        pytest.param(
+            in_phase("Succeeded"), edit(in_phase("Succeeded"), "spec.lora.r", 32), None, id="rank-after-succeeded"
+        ),
+        pytest.param(in_phase("Failed"), edit(in_phase("Failed"), "spec.lora.r", 32), None, id="rank-after-failed"),
+        pytest.param(in_phase("Pending"), edit(in_phase("Pending"), "spec.lora.r", 32), None, id="rank-while-pending"),
+        pytest.param(
+            in_phase("Running"), edit(in_phase("Running"), "spec.suspend", True), None, id="suspend-while-running"
+        ),
+        pytest.param(
+            in_phase("Running"),
+            edit(in_phase("Running"), "spec.resources", {"gpu": 2}),
+            None,
+            id="resources-while-running",
+        ),
+        pytest.param(
+            in_phase("Running"), edit(in_phase("Running"), "status.progress", {"step": 3}), None, id="status-only"
+        ),
+        pytest.param(
+            in_phase("Running"),
+            edit(in_phase("Running"), "spec.lora.r", 0),
+            None,
+            id="invalid-new-spec-left-to-spec-check",
+        ),
+        pytest.param(
+            in_phase("Running", conditions=[{"type": "Validated", "status": "False", "reason": "SpecImmutable"}]),
+            edit(in_phase("Running"), "spec.lora.r", 32),
+            None,
+            id="revert-of-earlier-drift",
+        ),
+        pytest.param(None, in_phase("Running"), None, id="create"),
+    ],
+)
+def test_training_fields_while_in_progress(
+    old: dict[str, Any] | None, new: dict[str, Any], rejected: list[str] | None
+) -> None:
     error = lorajob_change_error(old, new)
     if rejected is None:
         assert error is None

@@ -58,11 +58,14 @@ class FakeVllm:
         if path == "/v1/load_lora_adapter":
             name, lora_path = body["lora_name"], body["lora_path"]
             if name in self.loras and not body.get("load_inplace"):
-                return self.error(f"The lora adapter '{name}' has already been loaded. If you want to load the "
-                                  "adapter in place, set 'load_inplace' to True.", "InvalidUserInput", 400)
+                return self.error(
+                    f"The lora adapter '{name}' has already been loaded. If you want to load the "
+                    "adapter in place, set 'load_inplace' to True.",
+                    "InvalidUserInput",
+                    400,
+                )
             if lora_path.endswith("missing"):
-                return self.error(f"Loading lora {name} failed: No adapter found for {lora_path}",
-                                  "NotFoundError", 404)
+                return self.error(f"Loading lora {name} failed: No adapter found for {lora_path}", "NotFoundError", 404)
             if lora_path.endswith("rank64"):
                 return self.error("LoRA rank 64 is greater than max_lora_rank 16.", "BadRequestError", 400)
             if lora_path.endswith("corrupt"):
@@ -125,8 +128,15 @@ def test_unloading_an_unknown_name_is_not_loaded(old_envelope: bool) -> None:
 
 def test_unload_unknown_as_400_from_older_engines_is_also_not_loaded() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, json={"object": "error", "message": "The lora adapter 'x' cannot be found.",
-                                         "type": "InvalidUserInput", "code": 400})
+        return httpx.Response(
+            400,
+            json={
+                "object": "error",
+                "message": "The lora adapter 'x' cannot be found.",
+                "type": "InvalidUserInput",
+                "code": 400,
+            },
+        )
 
     with pytest.raises(AdapterNotLoaded):
         run(client_for(handler).unload("x"))
@@ -178,12 +188,15 @@ def test_garbled_models_answer_is_unavailable() -> None:
         run(client_for(garbled).models())
 
 
-@pytest.mark.parametrize(("body", "message", "err_type"), [
-    (b'{"error": {"message": "m1", "type": "T1", "param": null, "code": 400}}', "m1", "T1"),
-    (b'{"object": "error", "message": "m2", "type": "T2", "code": 404}', "m2", "T2"),
-    (b'{"detail": "Not Found"}', "Not Found", ""),
-    (b"plain failure", "plain failure", ""),
-])
+@pytest.mark.parametrize(
+    ("body", "message", "err_type"),
+    [
+        (b'{"error": {"message": "m1", "type": "T1", "param": null, "code": 400}}', "m1", "T1"),
+        (b'{"object": "error", "message": "m2", "type": "T2", "code": 404}', "m2", "T2"),
+        (b'{"detail": "Not Found"}', "Not Found", ""),
+        (b"plain failure", "plain failure", ""),
+    ],
+)
 def test_parse_error_reads_every_envelope(body: bytes, message: str, err_type: str) -> None:
     err = parse_error(418, body)
     assert (err.status, err.message, err.type) == (418, message, err_type)

@@ -24,13 +24,22 @@ from kubelora_server.testing import write_manifest
 BASE = "pvc://models/tiny"
 
 
-def fake_adapter(root: Path, name: str = "a", rank: int = 8, base: str = "/mnt/pvc/models/tiny",
-                 manifest: bool = True) -> Path:
+def fake_adapter(
+    root: Path, name: str = "a", rank: int = 8, base: str = "/mnt/pvc/models/tiny", manifest: bool = True
+) -> Path:
     d = root / "src" / name
     d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 16,
-                                                       "base_model_name_or_path": base,
-                                                       "target_modules": ["q_proj"]}))
+    (d / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 16,
+                "base_model_name_or_path": base,
+                "target_modules": ["q_proj"],
+            }
+        )
+    )
     (d / "adapter_model.safetensors").write_bytes(b"weights-" + name.encode())
     (d / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (d / "checkpoints" / "checkpoint-1" / "optimizer.pt").write_bytes(b"not part of the adapter")
@@ -40,8 +49,14 @@ def fake_adapter(root: Path, name: str = "a", rank: int = 8, base: str = "/mnt/p
 
 
 def desired(max_lora_rank: int = 16) -> DesiredAdapters:
-    return DesiredAdapters(base_model=BASE, served_name="tiny", max_lora_rank=max_lora_rank, max_loras=1,
-                           max_cpu_loras=4, adapters=[DesiredAdapter(name="a", uri="file:///x")])
+    return DesiredAdapters(
+        base_model=BASE,
+        served_name="tiny",
+        max_lora_rank=max_lora_rank,
+        max_loras=1,
+        max_cpu_loras=4,
+        adapters=[DesiredAdapter(name="a", uri="file:///x")],
+    )
 
 
 def digest_of_dir(d: Path) -> str:
@@ -56,7 +71,8 @@ def test_fetch_copies_only_manifest_files_and_names_the_dir_by_digest(tmp_path: 
     assert out.digest == digest_of_dir(src)
     assert Path(out.path).name == cache_dir_name("a", out.digest)
     assert sorted(p.name for p in Path(out.path).iterdir()) == sorted(
-        ["adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE])
+        ["adapter_config.json", "adapter_model.safetensors", MANIFEST_FILE]
+    )
     assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -98,12 +114,15 @@ def test_manifest_listing_a_missing_file_is_manifest_invalid(tmp_path: Path) -> 
     assert isinstance(out, Problem) and out.reason == Reason.MANIFEST_INVALID
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda m: m.update(digest="sha256:" + "1" * 64),
-    lambda m: m["files"].update({"../escape": "0" * 64}),
-    lambda m: m["files"].pop("adapter_config.json"),
-    lambda m: m.pop("baseModel"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(digest="sha256:" + "1" * 64),
+        lambda m: m["files"].update({"../escape": "0" * 64}),
+        lambda m: m["files"].pop("adapter_config.json"),
+        lambda m: m.pop("baseModel"),
+    ],
+)
 def test_inconsistent_manifests_are_manifest_invalid(tmp_path: Path, mutate: object) -> None:
     src = fake_adapter(tmp_path)
     data = json.loads((src / MANIFEST_FILE).read_text())
@@ -179,8 +198,7 @@ def test_https_source_reads_files_next_to_the_uri(tmp_path: Path, monkeypatch: p
     import httpx
 
     src = fake_adapter(tmp_path)
-    served = {f"/adapters/a/{p.relative_to(src).as_posix()}": p.read_bytes()
-              for p in src.rglob("*") if p.is_file()}
+    served = {f"/adapters/a/{p.relative_to(src).as_posix()}": p.read_bytes() for p in src.rglob("*") if p.is_file()}
     seen: list[str] = []
 
     def handler(request: httpx.Request) -> httpx.Response:

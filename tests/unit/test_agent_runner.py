@@ -37,9 +37,14 @@ class Clock:
 
 def desired(*names: str, pins: dict[str, str] | None = None) -> DesiredAdapters:
     pins = pins or {}
-    return DesiredAdapters(base_model="pvc://models/tiny", served_name="base", max_lora_rank=16, max_loras=2,
-                           max_cpu_loras=4,
-                           adapters=[DesiredAdapter(name=n, uri=f"pvc://a/{n}", digest=pins.get(n)) for n in names])
+    return DesiredAdapters(
+        base_model="pvc://models/tiny",
+        served_name="base",
+        max_lora_rank=16,
+        max_loras=2,
+        max_cpu_loras=4,
+        adapters=[DesiredAdapter(name=n, uri=f"pvc://a/{n}", digest=pins.get(n)) for n in names],
+    )
 
 
 def fetcher(bad: dict[str, Problem] | None = None) -> Callable[[Want, DesiredAdapters, Path], Ready | Problem]:
@@ -56,8 +61,15 @@ def fetcher(bad: dict[str, Problem] | None = None) -> Callable[[Want, DesiredAda
 
 def make_agent(tmp_path: Path, fake: FakeVllm, source: StaticSource, **kw: object) -> Agent:
     engine = EngineClient("http://engine:8000", transport=httpx.MockTransport(fake))
-    return Agent(source, engine, tmp_path / "cache", pod="pod-0", clock=kw.pop("clock", Clock()),  # type: ignore[arg-type]
-                 fetcher=kw.pop("fetcher", fetcher()), **kw)  # type: ignore[arg-type]
+    return Agent(
+        source,
+        engine,
+        tmp_path / "cache",
+        pod="pod-0",
+        clock=kw.pop("clock", Clock()),  # type: ignore[arg-type]
+        fetcher=kw.pop("fetcher", fetcher()),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 async def settle(agent: Agent, rounds: int = 10) -> None:
@@ -83,8 +95,7 @@ def test_good_adapters_load_and_a_bad_one_fails_alone(tmp_path: Path) -> None:
         agent = make_agent(tmp_path, fake, StaticSource(desired("a", "broken", "b")), fetcher=fetcher(bad))
         assert not agent.ready()
         await settle(agent)
-        assert states(agent) == {"a": ("Loaded", ""), "broken": ("Failed", "DigestMismatch"),
-                                 "b": ("Loaded", "")}
+        assert states(agent) == {"a": ("Loaded", ""), "broken": ("Failed", "DigestMismatch"), "b": ("Loaded", "")}
         assert agent.ready()
         assert set(fake.loras) == {"a", "b"}
         report = agent.report()
@@ -181,8 +192,14 @@ def test_transient_engine_refusal_retries_then_fails(tmp_path: Path) -> None:
         return Ready(str(cache / "a-corrupt"), "sha256:" + "2" * 64)
 
     async def scenario() -> None:
-        agent = make_agent(tmp_path, fake, StaticSource(desired("a")), clock=clock, fetcher=corrupt_fetch,
-                           policy=Policy(max_load_attempts=2, backoff_base=5.0))
+        agent = make_agent(
+            tmp_path,
+            fake,
+            StaticSource(desired("a")),
+            clock=clock,
+            fetcher=corrupt_fetch,
+            policy=Policy(max_load_attempts=2, backoff_base=5.0),
+        )
         await settle(agent)
         assert states(agent) == {"a": ("Pending", "LoadFailed")}
         assert not agent.ready()
@@ -246,7 +263,9 @@ def test_http_endpoints_report_without_changing_state(tmp_path: Path) -> None:
     report = AgentReport.model_validate(body)
     assert body["engineReady"] is True and report.pod == "pod-0"
     assert [(a.name, a.state, a.reason) for a in report.adapters] == [
-        ("a", "Loaded", ""), ("broken", "Failed", "BaseModelMismatch")]
+        ("a", "Loaded", ""),
+        ("broken", "Failed", "BaseModelMismatch"),
+    ]
     metrics = client.get("/metrics")
     assert metrics.status_code == 200
     assert 'kubelora_agent_adapters{state="Loaded"} 1.0' in metrics.text

@@ -20,8 +20,14 @@ from kubelora_server.agent.sources import ConfigMapSource, FileSource, default_n
 
 
 def wire(*names: str) -> str:
-    value = DesiredAdapters(base_model="pvc://m/tiny", served_name="tiny", max_lora_rank=16, max_loras=1,
-                            max_cpu_loras=4, adapters=[DesiredAdapter(name=n, uri=f"pvc://a/{n}") for n in names])
+    value = DesiredAdapters(
+        base_model="pvc://m/tiny",
+        served_name="tiny",
+        max_lora_rank=16,
+        max_loras=1,
+        max_cpu_loras=4,
+        adapters=[DesiredAdapter(name=n, uri=f"pvc://a/{n}") for n in names],
+    )
     return json.dumps(value.wire())
 
 
@@ -137,8 +143,7 @@ def test_configmap_run_hands_changes_to_the_loop(monkeypatch: pytest.MonkeyPatch
     assert src.generation == "3" and src._stop.is_set()
 
 
-def test_namespace_comes_from_env_then_the_service_account(monkeypatch: pytest.MonkeyPatch,
-                                                           tmp_path: Path) -> None:
+def test_namespace_comes_from_env_then_the_service_account(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("POD_NAMESPACE", "from-env")
     assert default_namespace() == "from-env"
     monkeypatch.delenv("POD_NAMESPACE")

@@ -27,15 +27,17 @@ from kubelora_server.agent.state import (
     transition,
 )
 
-POLICY = Policy(max_fetch_attempts=3, max_load_attempts=2, backoff_base=1.0, backoff_max=8.0,
-                permanent_retry=100.0)
+POLICY = Policy(max_fetch_attempts=3, max_load_attempts=2, backoff_base=1.0, backoff_max=8.0, permanent_retry=100.0)
 PIN = "sha256:" + "a" * 64
 
 
 def desired(*names: str, max_cpu_loras: int = 8, pins: dict[str, str] | None = None) -> DesiredAdapters:
     pins = pins or {}
     return DesiredAdapters(
-        base_model="pvc://models/tiny", served_name="tiny", max_lora_rank=16, max_loras=2,
+        base_model="pvc://models/tiny",
+        served_name="tiny",
+        max_lora_rank=16,
+        max_loras=2,
         max_cpu_loras=max_cpu_loras,
         adapters=[DesiredAdapter(name=n, uri=f"pvc://adapters/{n}", digest=pins.get(n)) for n in names],
     )
@@ -45,8 +47,9 @@ def healthy(**loaded: str) -> EngineView:
     return EngineView(True, dict(loaded))
 
 
-def fetched(records: dict[str, Record], name: str, path: str | None = None, digest: str = PIN,
-            now: float = 1.0) -> dict[str, Record]:
+def fetched(
+    records: dict[str, Record], name: str, path: str | None = None, digest: str = PIN, now: float = 1.0
+) -> dict[str, Record]:
     rec = records[name]
     out = dict(records)
     out[name] = on_fetched(rec, rec.want, Ready(path or f"/cache/{name}-aaaa", digest), now, POLICY)
@@ -119,8 +122,7 @@ def test_permanent_fetch_failure_fails_only_that_adapter_and_counts_as_settled()
     recs = plan(want, {}, healthy(), 0.0).records
     recs = fetched(recs, "good")
     bad = recs["bad"]
-    recs["bad"] = on_fetched(bad, bad.want, Problem(Reason.DIGEST_MISMATCH, "x changed", permanent=True), 1.0,
-                             POLICY)
+    recs["bad"] = on_fetched(bad, bad.want, Problem(Reason.DIGEST_MISMATCH, "x changed", permanent=True), 1.0, POLICY)
     assert recs["bad"].state == "Failed" and recs["bad"].reason == "DigestMismatch"
     result = plan(want, recs, healthy(), 2.0)
     assert result.actions == [Load("good", "/cache/good-aaaa")]
@@ -221,12 +223,15 @@ def test_backoff_grows_and_is_capped() -> None:
     assert [POLICY.backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
 
 
-@pytest.mark.parametrize(("was_ready", "settled", "engine", "expected"), [
-    pytest.param(False, False, EngineView(True), False, id="new-replica-waits-for-its-set"),
-    pytest.param(False, True, EngineView(True), True, id="set-settled"),
-    pytest.param(True, False, EngineView(True), True, id="serving-replica-stays-while-adding"),
-    pytest.param(True, True, EngineView(False), False, id="engine-down-takes-it-out"),
-    pytest.param(True, True, None, False, id="engine-unknown"),
-])
+@pytest.mark.parametrize(
+    ("was_ready", "settled", "engine", "expected"),
+    [
+        pytest.param(False, False, EngineView(True), False, id="new-replica-waits-for-its-set"),
+        pytest.param(False, True, EngineView(True), True, id="set-settled"),
+        pytest.param(True, False, EngineView(True), True, id="serving-replica-stays-while-adding"),
+        pytest.param(True, True, EngineView(False), False, id="engine-down-takes-it-out"),
+        pytest.param(True, True, None, False, id="engine-unknown"),
+    ],
+)
 def test_readiness_latch(was_ready: bool, settled: bool, engine: EngineView | None, expected: bool) -> None:
     assert stays_ready(was_ready, settled, engine) is expected

@@ -41,43 +41,47 @@ def test_minimal_job_gets_recipe_defaults() -> None:
     assert spec.wire()["lora"]["useRslora"] is False
 
 
-@pytest.mark.parametrize(("path", "value", "message"), [
-    pytest.param("lora.r", 0, "greater than or equal to 1", id="rank-zero"),
-    pytest.param("lora.r", 1024, "less than or equal to 512", id="rank-too-big"),
-    pytest.param("lora.alpha", 0, "greater than 0", id="alpha-zero"),
-    pytest.param("lora.dropout", 1.0, "less than 1", id="dropout-one"),
-    pytest.param("lora.targetModules", "q_proj v_proj", "should match pattern", id="modules-with-space"),
-    pytest.param("training.learningRate", 0, "greater than 0", id="lr-zero"),
-    pytest.param("training.learningRate", 2, "less than or equal to 1", id="lr-too-big"),
-    pytest.param("training.epochs", 0, "greater than or equal to 1", id="epochs-zero"),
-    pytest.param("training.scheduler", "exponential", "'cosine'", id="unknown-scheduler"),
-    pytest.param("training.optimizer", "lion", "paged_adamw_32bit", id="unknown-optimizer"),
-    pytest.param("training.maxSeqLength", 8, "greater than or equal to 16", id="seq-too-short"),
-    pytest.param("training.warmupRatio", 1.0, "less than 1", id="warmup-one"),
-    pytest.param("dataset.evalSplit", 0.9, "less than or equal to 0.5", id="eval-split-too-big"),
-    pytest.param("dataset.evalSplit", -0.1, "greater than or equal to 0", id="eval-split-negative"),
-    pytest.param("dataset.format", "chatml", "'prompt-completion'", id="unknown-format"),
-    pytest.param("method", "full", "'qlora' or 'lora'", id="unknown-method"),
-    pytest.param("quantization.quantType", "int4", "'nf4' or 'fp4'", id="unknown-quant"),
-    pytest.param("quantization.computeDtype", "float64", "'bfloat16'", id="unknown-dtype"),
-    pytest.param("baseModel.uri", "gs://bucket/model", "scheme 'gs' is not allowed", id="gs-scheme"),
-    pytest.param("baseModel.uri", "qwen-7b", "has no scheme", id="no-scheme"),
-    pytest.param("baseModel.uri", "pvc://Models/x", "not a valid DNS-1123 name", id="pvc-bad-claim"),
-    pytest.param("baseModel.uri", "file://relative/dir", "absolute path", id="file-relative"),
-    pytest.param("baseModel.uri", "https://user:pw@host/model", "no inline credentials", id="https-credentials"),
-    pytest.param("baseModel.uri", "hf://Qwen/Qwen2.5-7B@bad rev", "not a valid git revision", id="hf-bad-revision"),
-    pytest.param("dataset.uri", "hf://org/data", "scheme 'hf' is not allowed", id="dataset-from-hf"),
-    pytest.param("dataset.uri", "pvc://datasets/../etc/passwd", "'..' is not allowed", id="path-traversal"),
-    pytest.param("output.uri", "https://example.com/out", "use one of pvc://, s3://, file://",
-                 id="output-readonly-scheme"),
-    pytest.param("output.credentialsSecretRef", "My_Secret", "should match pattern", id="secret-name"),
-    pytest.param("resources.gpus", -1, "greater than or equal to 0", id="negative-gpus"),
-    pytest.param("resources.requests", {"memory": "lots"}, "should match pattern", id="bad-quantity"),
-    pytest.param("resources.tolerations", [{"operator": "Maybe"}], "'Equal' or 'Exists'", id="bad-toleration"),
-    pytest.param("backoffLimit", -1, "greater than or equal to 0", id="negative-backoff"),
-    pytest.param("activeDeadlineSeconds", 5, "greater than or equal to 60", id="short-deadline"),
-    pytest.param("lora.rank", 8, "Extra inputs are not permitted", id="unknown-field"),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        pytest.param("lora.r", 0, "greater than or equal to 1", id="rank-zero"),
+        pytest.param("lora.r", 1024, "less than or equal to 512", id="rank-too-big"),
+        pytest.param("lora.alpha", 0, "greater than 0", id="alpha-zero"),
+        pytest.param("lora.dropout", 1.0, "less than 1", id="dropout-one"),
+        pytest.param("lora.targetModules", "q_proj v_proj", "should match pattern", id="modules-with-space"),
+        pytest.param("training.learningRate", 0, "greater than 0", id="lr-zero"),
+        pytest.param("training.learningRate", 2, "less than or equal to 1", id="lr-too-big"),
+        pytest.param("training.epochs", 0, "greater than or equal to 1", id="epochs-zero"),
+        pytest.param("training.scheduler", "exponential", "'cosine'", id="unknown-scheduler"),
+        pytest.param("training.optimizer", "lion", "paged_adamw_32bit", id="unknown-optimizer"),
+        pytest.param("training.maxSeqLength", 8, "greater than or equal to 16", id="seq-too-short"),
+        pytest.param("training.warmupRatio", 1.0, "less than 1", id="warmup-one"),
+        pytest.param("dataset.evalSplit", 0.9, "less than or equal to 0.5", id="eval-split-too-big"),
+        pytest.param("dataset.evalSplit", -0.1, "greater than or equal to 0", id="eval-split-negative"),
+        pytest.param("dataset.format", "chatml", "'prompt-completion'", id="unknown-format"),
+        pytest.param("method", "full", "'qlora' or 'lora'", id="unknown-method"),
+        pytest.param("quantization.quantType", "int4", "'nf4' or 'fp4'", id="unknown-quant"),
+        pytest.param("quantization.computeDtype", "float64", "'bfloat16'", id="unknown-dtype"),
+        pytest.param("baseModel.uri", "gs://bucket/model", "scheme 'gs' is not allowed", id="gs-scheme"),
+        pytest.param("baseModel.uri", "qwen-7b", "has no scheme", id="no-scheme"),
+        pytest.param("baseModel.uri", "pvc://Models/x", "not a valid DNS-1123 name", id="pvc-bad-claim"),
+        pytest.param("baseModel.uri", "file://relative/dir", "absolute path", id="file-relative"),
+        pytest.param("baseModel.uri", "https://user:pw@host/model", "no inline credentials", id="https-credentials"),
+        pytest.param("baseModel.uri", "hf://Qwen/Qwen2.5-7B@bad rev", "not a valid git revision", id="hf-bad-revision"),
+        pytest.param("dataset.uri", "hf://org/data", "scheme 'hf' is not allowed", id="dataset-from-hf"),
+        pytest.param("dataset.uri", "pvc://datasets/../etc/passwd", "'..' is not allowed", id="path-traversal"),
+        pytest.param(
+            "output.uri", "https://example.com/out", "use one of pvc://, s3://, file://", id="output-readonly-scheme"
+        ),
+        pytest.param("output.credentialsSecretRef", "My_Secret", "should match pattern", id="secret-name"),
+        pytest.param("resources.gpus", -1, "greater than or equal to 0", id="negative-gpus"),
+        pytest.param("resources.requests", {"memory": "lots"}, "should match pattern", id="bad-quantity"),
+        pytest.param("resources.tolerations", [{"operator": "Maybe"}], "'Equal' or 'Exists'", id="bad-toleration"),
+        pytest.param("backoffLimit", -1, "greater than or equal to 0", id="negative-backoff"),
+        pytest.param("activeDeadlineSeconds", 5, "greater than or equal to 60", id="short-deadline"),
+        pytest.param("lora.rank", 8, "Extra inputs are not permitted", id="unknown-field"),
+    ],
+)
 def test_job_rejects(path: str, value: Any, message: str) -> None:
     with pytest.raises(ValidationError) as err:
         LoRAJobSpec.model_validate(with_value(JOB, path, value))
@@ -122,32 +126,46 @@ def test_minimal_adapter_deployment_defaults() -> None:
     assert spec.service.port == 8000
 
 
-@pytest.mark.parametrize(("path", "value", "message"), [
-    pytest.param("engine", "tgi", "'vllm' or 'cpu'", id="unknown-engine"),
-    pytest.param("replicas", -1, "greater than or equal to 0", id="negative-replicas"),
-    pytest.param("vllm.maxLoraRank", 48, "Input should be 1, 8, 16, 32, 64", id="rank-not-vllm-bucket"),
-    pytest.param("vllm.maxLoras", 0, "greater than or equal to 1", id="zero-loras"),
-    pytest.param("vllm.gpuMemoryUtilization", 1.5, "less than or equal to 1", id="gpu-util"),
-    pytest.param("service.port", 70000, "less than or equal to 65535", id="port"),
-    pytest.param("service.type", "ExternalName", "'ClusterIP'", id="service-type"),
-    pytest.param("baseModel.servedName", "", "should match pattern", id="empty-served-name"),
-])
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        pytest.param("engine", "tgi", "'vllm' or 'cpu'", id="unknown-engine"),
+        pytest.param("replicas", -1, "greater than or equal to 0", id="negative-replicas"),
+        pytest.param("vllm.maxLoraRank", 48, "Input should be 1, 8, 16, 32, 64", id="rank-not-vllm-bucket"),
+        pytest.param("vllm.maxLoras", 0, "greater than or equal to 1", id="zero-loras"),
+        pytest.param("vllm.gpuMemoryUtilization", 1.5, "less than or equal to 1", id="gpu-util"),
+        pytest.param("service.port", 70000, "less than or equal to 65535", id="port"),
+        pytest.param("service.type", "ExternalName", "'ClusterIP'", id="service-type"),
+        pytest.param("baseModel.servedName", "", "should match pattern", id="empty-served-name"),
+    ],
+)
 def test_deployment_rejects(path: str, value: Any, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AdapterDeploymentSpec.model_validate(with_value(AD, path, value))
 
 
-@pytest.mark.parametrize(("adapters", "message"), [
-    pytest.param([{"name": "a"}], "set exactly one of loraJobRef or uri", id="no-source"),
-    pytest.param([{"name": "a", "uri": "s3://bkt/x", "loraJobRef": {"name": "j"}}],
-                 "set exactly one of loraJobRef or uri", id="both-sources"),
-    pytest.param([{"name": "a", "uri": "s3://bkt/x"}, {"name": "a", "uri": "s3://bkt/y"}],
-                 "listed twice", id="duplicate-names"),
-    pytest.param([{"name": "Support_Bot", "uri": "s3://bkt/x"}], "should match pattern", id="bad-name"),
-    pytest.param([{"name": "a", "uri": "hf://org/adapter"}], "hf:// is for base models", id="hf-adapter"),
-    pytest.param([{"name": "a", "uri": "s3://bkt/x", "digest": "md5:abc"}], "should match pattern", id="bad-digest"),
-    pytest.param([{"name": "qwen2.5-7b", "uri": "s3://bkt/x"}], "equals baseModel.servedName", id="shadows-base"),
-])
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        pytest.param([{"name": "a"}], "set exactly one of loraJobRef or uri", id="no-source"),
+        pytest.param(
+            [{"name": "a", "uri": "s3://bkt/x", "loraJobRef": {"name": "j"}}],
+            "set exactly one of loraJobRef or uri",
+            id="both-sources",
+        ),
+        pytest.param(
+            [{"name": "a", "uri": "s3://bkt/x"}, {"name": "a", "uri": "s3://bkt/y"}],
+            "listed twice",
+            id="duplicate-names",
+        ),
+        pytest.param([{"name": "Support_Bot", "uri": "s3://bkt/x"}], "should match pattern", id="bad-name"),
+        pytest.param([{"name": "a", "uri": "hf://org/adapter"}], "hf:// is for base models", id="hf-adapter"),
+        pytest.param(
+            [{"name": "a", "uri": "s3://bkt/x", "digest": "md5:abc"}], "should match pattern", id="bad-digest"
+        ),
+        pytest.param([{"name": "qwen2.5-7b", "uri": "s3://bkt/x"}], "equals baseModel.servedName", id="shadows-base"),
+    ],
+)
 def test_adapter_rules(adapters: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AdapterDeploymentSpec.model_validate({**AD, "adapters": adapters})

@@ -35,8 +35,11 @@ def test_operator_runs_non_root_with_read_only_root() -> None:
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert "--all-namespaces" in container["args"]
 
 
@@ -88,6 +91,10 @@ def test_webhook_is_opt_in(enabled: bool) -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["KUBELORA_WEBHOOK_SERVICE"] == "kubelora-system/kl-operator-webhook"
     assert {"name": "webhook", "containerPort": 9443} in container["ports"]
-    assert webhook_rules == [{"apiGroups": ["admissionregistration.k8s.io"],
-                              "resources": ["validatingwebhookconfigurations"],
-                              "verbs": ["get", "list", "watch", "create", "patch"]}]
+    assert webhook_rules == [
+        {
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["validatingwebhookconfigurations"],
+            "verbs": ["get", "list", "watch", "create", "patch"],
+        }
+    ]

@@ -12,26 +12,40 @@ from kubelora_server.agent.compat import adapter_rank, base_model_aliases, check
 
 
 def manifest(base: str, peft_type: str = "LORA") -> AdapterManifest:
-    return AdapterManifest(digest="sha256:" + "0" * 64, files={}, size_bytes=0, base_model=base, peft_type=peft_type,
-                           rank=8, lora_alpha=16, target_modules=["q_proj"], method="lora",
-                           created_at="2026-01-01T00:00:00Z")
+    return AdapterManifest(
+        digest="sha256:" + "0" * 64,
+        files={},
+        size_bytes=0,
+        base_model=base,
+        peft_type=peft_type,
+        rank=8,
+        lora_alpha=16,
+        target_modules=["q_proj"],
+        method="lora",
+        created_at="2026-01-01T00:00:00Z",
+    )
 
 
 def config(base: str | None = "/mnt/pvc/models/llama", r: int = 8, **extra: Any) -> dict[str, Any]:
     return {"peft_type": "LORA", "r": r, "base_model_name_or_path": base, **extra}
 
 
-@pytest.mark.parametrize(("declared", "served"), [
-    ("/mnt/pvc/models/llama", "pvc://models/llama"),
-    ("/mnt/pvc/models/llama/", "pvc://models/llama"),
-    ("pvc://models/llama", "pvc://models/llama/"),
-    ("/data/llama", "file:///data/llama"),
-    ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B"),
-    ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B@main"),
-    ("/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc123",
-     "hf://meta-llama/Llama-3.1-8B"),
-    ("s3://models/llama", "s3://models/llama/"),
-])
+@pytest.mark.parametrize(
+    ("declared", "served"),
+    [
+        ("/mnt/pvc/models/llama", "pvc://models/llama"),
+        ("/mnt/pvc/models/llama/", "pvc://models/llama"),
+        ("pvc://models/llama", "pvc://models/llama/"),
+        ("/data/llama", "file:///data/llama"),
+        ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B"),
+        ("meta-llama/Llama-3.1-8B", "hf://meta-llama/Llama-3.1-8B@main"),
+        (
+            "/root/.cache/huggingface/hub/models--meta-llama--Llama-3.1-8B/snapshots/abc123",
+            "hf://meta-llama/Llama-3.1-8B",
+        ),
+        ("s3://models/llama", "s3://models/llama/"),
+    ],
+)
 def test_same_base_in_different_spellings_matches(declared: str, served: str) -> None:
     assert check_compatible(config(declared), None, served, 64) is None
 

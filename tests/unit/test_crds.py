@@ -52,10 +52,19 @@ def test_crd_names_and_columns() -> None:
     lj, ad = all_crds().values()
     assert lj["spec"]["names"]["shortNames"] == ["lj"] and ad["spec"]["names"]["shortNames"] == ["ad"]
     assert lj["spec"]["names"]["categories"] == ["kubelora"]
-    assert [c["name"] for c in lj["spec"]["versions"][0]["additionalPrinterColumns"]] == \
-        ["Phase", "Progress", "Loss", "Adapter", "Age"]
-    assert [c["name"] for c in ad["spec"]["versions"][0]["additionalPrinterColumns"]][:4] == \
-        ["Phase", "Ready", "Adapters", "Replicas"]
+    assert [c["name"] for c in lj["spec"]["versions"][0]["additionalPrinterColumns"]] == [
+        "Phase",
+        "Progress",
+        "Loss",
+        "Adapter",
+        "Age",
+    ]
+    assert [c["name"] for c in ad["spec"]["versions"][0]["additionalPrinterColumns"]][:4] == [
+        "Phase",
+        "Ready",
+        "Adapters",
+        "Replicas",
+    ]
     assert lj["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 
@@ -92,22 +101,41 @@ def test_examples_validate_against_models_and_crds(doc: dict[str, Any]) -> None:
 
 
 def test_examples_cover_both_kinds_on_cpu_and_gpu() -> None:
-    kinds = {(p.parent.name, d["kind"]) for p in EXAMPLES for d in yaml.safe_load_all(p.read_text())
-             if d and "kind" in d}
+    kinds = {
+        (p.parent.name, d["kind"]) for p in EXAMPLES for d in yaml.safe_load_all(p.read_text()) if d and "kind" in d
+    }
     for folder in ("cpu-quickstart", "gpu"):
         assert {(folder, "LoRAJob"), (folder, "AdapterDeployment")} <= kinds
 
 
-@pytest.mark.parametrize(("kind", "spec"), [
-    pytest.param("LoRAJob", {"baseModel": {"uri": "gs://x"}, "dataset": {"uri": "pvc://d/x"},
-                             "output": {"uri": "pvc://a/x"}}, id="lj-bad-scheme"),
-    pytest.param("LoRAJob", {"baseModel": {"uri": "hf://a/b"}, "dataset": {"uri": "pvc://d/x"},
-                             "output": {"uri": "pvc://a/x"}, "lora": {"r": 0}}, id="lj-rank"),
-    pytest.param("AdapterDeployment", {"baseModel": {"uri": "hf://a/b", "servedName": "b"},
-                                       "vllm": {"maxLoraRank": 48}}, id="ad-rank-bucket"),
-    pytest.param("AdapterDeployment", {"baseModel": {"uri": "hf://a/b", "servedName": "b"},
-                                       "engine": "tgi"}, id="ad-engine"),
-])
+@pytest.mark.parametrize(
+    ("kind", "spec"),
+    [
+        pytest.param(
+            "LoRAJob",
+            {"baseModel": {"uri": "gs://x"}, "dataset": {"uri": "pvc://d/x"}, "output": {"uri": "pvc://a/x"}},
+            id="lj-bad-scheme",
+        ),
+        pytest.param(
+            "LoRAJob",
+            {
+                "baseModel": {"uri": "hf://a/b"},
+                "dataset": {"uri": "pvc://d/x"},
+                "output": {"uri": "pvc://a/x"},
+                "lora": {"r": 0},
+            },
+            id="lj-rank",
+        ),
+        pytest.param(
+            "AdapterDeployment",
+            {"baseModel": {"uri": "hf://a/b", "servedName": "b"}, "vllm": {"maxLoraRank": 48}},
+            id="ad-rank-bucket",
+        ),
+        pytest.param(
+            "AdapterDeployment", {"baseModel": {"uri": "hf://a/b", "servedName": "b"}, "engine": "tgi"}, id="ad-engine"
+        ),
+    ],
+)
 def test_crd_schema_rejects_what_it_can(kind: str, spec: dict[str, Any]) -> None:
     doc = {"apiVersion": "kubelora.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec}
     with pytest.raises(jsonschema.ValidationError):

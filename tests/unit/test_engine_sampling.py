@@ -63,36 +63,73 @@ def test_greedy_and_seeded_sampling() -> None:
 
 
 def test_cli_accepts_vllm_flags_and_ignores_unknown_ones() -> None:
-    args = parse_args(["--model", "pvc://models/tiny", "--served-model-name", "tiny", "--enable-lora",
-                       "--max-loras", "2", "--max-lora-rank", "64", "--max-cpu-loras", "4", "--max-model-len", "512",
-                       "--gpu-memory-utilization", "0.9", "--lora-modules", "a=/x/a", "b=/x/b"])
-    assert (args.model, args.served_model_name, args.max_loras, args.max_cpu_loras) == ("pvc://models/tiny",
-                                                                                      "tiny", 2, 4)
+    args = parse_args(
+        [
+            "--model",
+            "pvc://models/tiny",
+            "--served-model-name",
+            "tiny",
+            "--enable-lora",
+            "--max-loras",
+            "2",
+            "--max-lora-rank",
+            "64",
+            "--max-cpu-loras",
+            "4",
+            "--max-model-len",
+            "512",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--lora-modules",
+            "a=/x/a",
+            "b=/x/b",
+        ]
+    )
+    assert (args.model, args.served_model_name, args.max_loras, args.max_cpu_loras) == (
+        "pvc://models/tiny",
+        "tiny",
+        2,
+        4,
+    )
     assert args.max_lora_rank == 64 and args.max_model_len == 512
     assert args.lora_modules == {"a": "/x/a", "b": "/x/b"}
     assert args.ignored == ("--gpu-memory-utilization", "0.9")
     assert parse_args(["--model", "org/m", "--revision", "v2"]).revision == "v2"
     defaults = parse_args(["--model", "/m"])
-    assert (defaults.served_model_name, defaults.max_loras, defaults.max_cpu_loras,
-            defaults.max_lora_rank) == ("/m", 1, 1, 16)
+    assert (defaults.served_model_name, defaults.max_loras, defaults.max_cpu_loras, defaults.max_lora_rank) == (
+        "/m",
+        1,
+        1,
+        16,
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    [],
-    ["--model", "/m", "--max-lora-rank", "12"],
-    ["--model", "/m", "--max-loras", "4", "--max-cpu-loras", "2"],
-    ["--model", "/m", "--lora-modules", "a=/x"],
-    ["--model", "/m", "stray"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--model", "/m", "--max-lora-rank", "12"],
+        ["--model", "/m", "--max-loras", "4", "--max-cpu-loras", "2"],
+        ["--model", "/m", "--lora-modules", "a=/x"],
+        ["--model", "/m", "stray"],
+    ],
+)
 def test_cli_rejects_what_vllm_rejects(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(argv)
 
 
 def test_requests_accept_openai_shapes() -> None:
-    chat = ChatCompletionRequest.model_validate({
-        "model": "a", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "max_completion_tokens": 5, "stop": "x", "logit_bias": {}, "user": "u"})
+    chat = ChatCompletionRequest.model_validate(
+        {
+            "model": "a",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 5,
+            "stop": "x",
+            "logit_bias": {},
+            "user": "u",
+        }
+    )
     assert chat.messages[0].text() == "hi" and chat.requested_max_tokens() == 5 and chat.stop_list() == ["x"]
     assert CompletionRequest.model_validate({"prompt": "p"}).requested_max_tokens() == 16
     assert CompletionRequest.model_validate({"prompt": [1, 2, 3]}).prompt == [1, 2, 3]
@@ -100,5 +137,6 @@ def test_requests_accept_openai_shapes() -> None:
 
 def test_engine_error_body_is_vllm_shaped() -> None:
     err = EngineError(404, "NotFoundError", "The model `x` does not exist.", "model")
-    assert err.body() == {"error": {"message": "The model `x` does not exist.", "type": "NotFoundError",
-                                    "param": "model", "code": 404}}
+    assert err.body() == {
+        "error": {"message": "The model `x` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}
+    }

@@ -22,10 +22,22 @@ FORBIDDEN = {
     "kubelora.api": ("kubelora.resources", "kubelora.reconcile", "kubelora.handlers", "kubelora_", "kopf"),
     "kubelora.resources": ("kubelora.handlers", "kubelora.reconcile", "kubelora_", "kopf", "kubernetes"),
     "kubelora.reconcile": ("kubelora.handlers", "kubelora_", "kopf", "kubernetes"),
-    "kubelora_trainer": ("kubelora.handlers", "kubelora.resources", "kubelora.reconcile", "kubelora_server",
-                         "kubelora_local", "kopf"),
-    "kubelora_server": ("kubelora.handlers", "kubelora.resources", "kubelora.reconcile", "kubelora_trainer",
-                        "kubelora_local", "kopf"),
+    "kubelora_trainer": (
+        "kubelora.handlers",
+        "kubelora.resources",
+        "kubelora.reconcile",
+        "kubelora_server",
+        "kubelora_local",
+        "kopf",
+    ),
+    "kubelora_server": (
+        "kubelora.handlers",
+        "kubelora.resources",
+        "kubelora.reconcile",
+        "kubelora_trainer",
+        "kubelora_local",
+        "kopf",
+    ),
 }
 
 
@@ -51,6 +63,9 @@ def test_layer_imports_only_what_is_below_it(layer: str) -> None:
 
 
 def test_operator_never_knows_about_the_local_cluster() -> None:
-    offences = [str(p.relative_to(REPO)) for p in (REPO / "operator/kubelora").rglob("*.py")
-                if any(n.startswith("kubelora_local") for n in imports(p))]
+    offences = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "operator/kubelora").rglob("*.py")
+        if any(n.startswith("kubelora_local") for n in imports(p))
+    ]
     assert not offences

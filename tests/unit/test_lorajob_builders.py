@@ -26,15 +26,25 @@ from kubelora.resources.lorajob_names import (
 )
 from kubelora.settings import Settings
 
-BODY = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob",
-        "metadata": {"name": "bot", "namespace": "ml", "uid": "uid-1", "generation": 3}}
-SPEC = {"baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct", "credentialsSecretRef": "hf"},
-        "dataset": {"uri": "pvc://data/train.jsonl"},
-        "output": {"uri": "s3://adapters/bot", "credentialsSecretRef": "s3-creds"},
-        "resources": {"gpus": 2, "requests": {"memory": "64Gi"}, "nodeSelector": {"gpu": "a100"},
-                      "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                      "priorityClassName": "training"},
-        "backoffLimit": 4, "activeDeadlineSeconds": 3600}
+BODY = {
+    "apiVersion": "kubelora.io/v1alpha1",
+    "kind": "LoRAJob",
+    "metadata": {"name": "bot", "namespace": "ml", "uid": "uid-1", "generation": 3},
+}
+SPEC = {
+    "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct", "credentialsSecretRef": "hf"},
+    "dataset": {"uri": "pvc://data/train.jsonl"},
+    "output": {"uri": "s3://adapters/bot", "credentialsSecretRef": "s3-creds"},
+    "resources": {
+        "gpus": 2,
+        "requests": {"memory": "64Gi"},
+        "nodeSelector": {"gpu": "a100"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "training",
+    },
+    "backoffLimit": 4,
+    "activeDeadlineSeconds": 3600,
+}
 SETTINGS = Settings(trainer_image="ghcr.io/kubelora/trainer:test", progress_interval_seconds=1.5)
 
 
@@ -51,8 +61,12 @@ def env_names(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_owner_reference_makes_children_collectable() -> None:
-    for manifest in [trainer_config_map(BODY, 1, spec()), *trainer_identity(BODY),
-                     training_job(BODY, spec(), 1, 3, SETTINGS), validation_job(BODY, spec(), 1, SETTINGS)]:
+    for manifest in [
+        trainer_config_map(BODY, 1, spec()),
+        *trainer_identity(BODY),
+        training_job(BODY, spec(), 1, 3, SETTINGS),
+        validation_job(BODY, spec(), 1, SETTINGS),
+    ]:
         ref = manifest["metadata"]["ownerReferences"][0]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("LoRAJob", "bot", "uid-1", True)
         assert manifest["metadata"]["namespace"] == "ml"
@@ -69,11 +83,14 @@ def test_config_map_holds_the_run_config_and_is_immutable() -> None:
     assert parse_trainer_config_map(cm) == config
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param({}, id="no-data"),
-    pytest.param({"job.json": "not json"}, id="garbage"),
-    pytest.param({"job.json": json.dumps({"name": "x"})}, id="incomplete"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param({}, id="no-data"),
+        pytest.param({"job.json": "not json"}, id="garbage"),
+        pytest.param({"job.json": json.dumps({"name": "x"})}, id="incomplete"),
+    ],
+)
 def test_unreadable_config_map_is_none(data: dict[str, str]) -> None:
     assert parse_trainer_config_map({"data": data}) is None
 
@@ -81,8 +98,14 @@ def test_unreadable_config_map_is_none(data: dict[str, str]) -> None:
 def test_trainer_identity_may_patch_only_its_own_status() -> None:
     sa, role, binding = trainer_identity(BODY)
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "bot-trainer"
-    assert role["rules"] == [{"apiGroups": ["kubelora.io"], "resources": ["lorajobs/status"],
-                              "resourceNames": ["bot"], "verbs": ["get", "patch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubelora.io"],
+            "resources": ["lorajobs/status"],
+            "resourceNames": ["bot"],
+            "verbs": ["get", "patch"],
+        }
+    ]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bot-trainer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bot-trainer", "namespace": "ml"}]
     assert trainer_role(BODY)["metadata"]["name"] == "bot-trainer"
@@ -97,8 +120,7 @@ def test_training_job() -> None:
     assert job["spec"]["backoffLimit"] == 4 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert c["image"] == "ghcr.io/kubelora/trainer:test"
     assert c["command"] == ["kubelora-train", "--config", "/etc/kubelora/job.json"]
-    assert c["resources"] == {"requests": {"memory": "64Gi", "nvidia.com/gpu": "2"},
-                              "limits": {"nvidia.com/gpu": "2"}}
+    assert c["resources"] == {"requests": {"memory": "64Gi", "nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["securityContext"]["runAsNonRoot"] and not c["securityContext"]["allowPrivilegeEscalation"]
     assert pod["restartPolicy"] == "Never"
@@ -122,8 +144,13 @@ def test_credentials_come_from_secret_refs_never_values() -> None:
 
 
 def test_inputs_read_only_output_read_write() -> None:
-    job = training_job(BODY, spec(baseModel={"uri": "pvc://models/qwen"}, output={"uri": "pvc://data/out"},
-                                  resources={"gpus": 0}), 1, 1, SETTINGS)
+    job = training_job(
+        BODY,
+        spec(baseModel={"uri": "pvc://models/qwen"}, output={"uri": "pvc://data/out"}, resources={"gpus": 0}),
+        1,
+        1,
+        SETTINGS,
+    )
     mounts = {m["name"]: m for m in container(job)["volumeMounts"]}
     assert mounts["pvc-models"]["readOnly"] is True
     assert mounts["pvc-data"]["readOnly"] is False  # dataset and output share the claim: writable once
@@ -134,10 +161,13 @@ def test_inputs_read_only_output_read_write() -> None:
     assert not [e for e in container(job)["env"] if "secretKeyRef" in str(e)]  # pvc:// needs no Secret
 
 
-@pytest.mark.parametrize(("image", "expected"), [
-    pytest.param("", "ghcr.io/kubelora/trainer:test", id="operator-default"),
-    pytest.param("ghcr.io/kubelora/noop", "ghcr.io/kubelora/noop", id="spec-override"),
-])
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        pytest.param("", "ghcr.io/kubelora/trainer:test", id="operator-default"),
+        pytest.param("ghcr.io/kubelora/noop", "ghcr.io/kubelora/noop", id="spec-override"),
+    ],
+)
 def test_image(image: str, expected: str) -> None:
     assert container(training_job(BODY, spec(image=image), 1, 1, SETTINGS))["image"] == expected
     assert container(validation_job(BODY, spec(image=image), 1, SETTINGS))["image"] == expected
@@ -157,17 +187,24 @@ def test_validation_job_is_small_and_never_retried() -> None:
 
 
 def test_file_uris_need_no_volumes() -> None:
-    local = spec(baseModel={"uri": "file:///models/tiny"}, dataset={"uri": "file:///data/d.jsonl"},
-                 output={"uri": "file:///out"}, resources={"gpus": 0})
+    local = spec(
+        baseModel={"uri": "file:///models/tiny"},
+        dataset={"uri": "file:///data/d.jsonl"},
+        output={"uri": "file:///out"},
+        resources={"gpus": 0},
+    )
     pod = training_job(BODY, local, 1, 1, SETTINGS)["spec"]["template"]["spec"]
     assert [v["name"] for v in pod["volumes"]] == ["trainer-config"]
 
 
-@pytest.mark.parametrize(("name", "suffix"), [
-    pytest.param("bot", "-train-12", id="short"),
-    pytest.param("a" * 60, "-train-12", id="long"),
-    pytest.param("x-" * 40, "-validate-3", id="long-with-dashes"),
-])
+@pytest.mark.parametrize(
+    ("name", "suffix"),
+    [
+        pytest.param("bot", "-train-12", id="short"),
+        pytest.param("a" * 60, "-train-12", id="long"),
+        pytest.param("x-" * 40, "-validate-3", id="long-with-dashes"),
+    ],
+)
 def test_job_names_fit_a_label(name: str, suffix: str) -> None:
     out = bounded(name, suffix)
     assert len(out) <= 63 and out.endswith(suffix)
@@ -184,11 +221,14 @@ def test_long_names_stay_distinct() -> None:
     assert validation_job_name("bot", 4) == "bot-validate-4"
 
 
-@pytest.mark.parametrize(("labels", "expected"), [
-    pytest.param({"kubelora.io/revision": "3"}, 3, id="set"),
-    pytest.param({}, None, id="missing"),
-    pytest.param({"kubelora.io/revision": "x"}, None, id="garbage"),
-    pytest.param(None, None, id="no-labels"),
-])
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        pytest.param({"kubelora.io/revision": "3"}, 3, id="set"),
+        pytest.param({}, None, id="missing"),
+        pytest.param({"kubelora.io/revision": "x"}, None, id="garbage"),
+        pytest.param(None, None, id="no-labels"),
+    ],
+)
 def test_revision_label(labels: dict[str, str] | None, expected: int | None) -> None:
     assert revision_of(labels) == expected

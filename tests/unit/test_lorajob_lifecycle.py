@@ -38,8 +38,9 @@ def test_training_field_change_while_running_is_reported_not_applied() -> None:
     assert plan.phase == "Running" and plan.actions == () and plan.status["revision"] == 1
     validated = cond(plan, "Validated")
     assert (validated["status"], validated["reason"]) == ("False", "SpecImmutable")
-    assert validated["message"].startswith("spec.lora.r, spec.training.learningRate changed after training of "
-                                           "revision 1 started")
+    assert validated["message"].startswith(
+        "spec.lora.r, spec.training.learningRate changed after training of revision 1 started"
+    )
     assert "new run when this one ends" in validated["message"]
     assert world.reconcile().patch == {}
     world.edit(training={"learningRate": 0.005}, lora={"r": 16})  # reverted
@@ -50,8 +51,10 @@ def test_pending_change_starts_a_new_revision_when_the_run_ends() -> None:
     world = running_world()
     world.run_config = config()
     world.edit(training={"learningRate": 0.001})
-    world.put(job("bot-train-1", succeeded=1, condition="Complete"),
-              pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)))
+    world.put(
+        job("bot-train-1", succeeded=1, condition="Complete"),
+        pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)),
+    )
     done = world.step(LATER)
     assert done.phase == "Succeeded" and done.requeue and done.status["adapter"] == ADAPTER
     world.status = dict(world.status or {}, progress={"step": 20, "percent": 100})
@@ -63,14 +66,17 @@ def test_pending_change_starts_a_new_revision_when_the_run_ends() -> None:
 
 def test_non_training_change_after_success_changes_nothing_but_generation() -> None:
     world = running_world()
-    world.put(job("bot-train-1", succeeded=1, condition="Complete"),
-              pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)))
+    world.put(
+        job("bot-train-1", succeeded=1, condition="Complete"),
+        pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)),
+    )
     world.step(LATER)
     world.run_config = config()
     world.edit(backoffLimit=5, resources={"gpus": 1})
     plan = world.step(LATER)
-    assert plan.phase == "Succeeded" and plan.actions == () and plan.patch.keys() == {"observedGeneration",
-                                                                                      "conditions"}
+    assert (
+        plan.phase == "Succeeded" and plan.actions == () and plan.patch.keys() == {"observedGeneration", "conditions"}
+    )
 
 
 def test_change_during_preflight_restarts_preflight() -> None:
@@ -80,13 +86,14 @@ def test_change_during_preflight_restarts_preflight() -> None:
     world.edit(dataset={"uri": "pvc://data/fixed.jsonl"})
     plan = world.step()
     assert plan.status["revision"] == 2 and plan.phase == "Validating"
-    assert names(plan) == ["delete Job/bot-validate-1", "create ConfigMap/bot-trainer-2",
-                           "create Job/bot-validate-2"]
+    assert names(plan) == ["delete Job/bot-validate-1", "create ConfigMap/bot-trainer-2", "create Job/bot-validate-2"]
 
 
 def test_change_after_preflight_failure_starts_a_new_revision() -> None:
-    world = World(jobs=[vjob(failed=1, condition="Failed", reason="BackoffLimitExceeded")],
-                  pods=[vpod("Failed", exit_code=2, message=result(False, "InvalidDataset", "line 3"))])
+    world = World(
+        jobs=[vjob(failed=1, condition="Failed", reason="BackoffLimitExceeded")],
+        pods=[vpod("Failed", exit_code=2, message=result(False, "InvalidDataset", "line 3"))],
+    )
     world.step()
     assert world.status is not None and world.status["phase"] == "Failed"
     world.run_config = config()
@@ -146,8 +153,10 @@ def test_suspend_before_training_keeps_preflight_but_creates_no_training_job() -
 
 def test_job_finishing_while_suspending_still_counts() -> None:
     world = running_world()
-    world.put(job("bot-train-1", succeeded=1, condition="Complete"),
-              pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)))
+    world.put(
+        job("bot-train-1", succeeded=1, condition="Complete"),
+        pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)),
+    )
     world.edit(suspend=True)
     assert world.step().phase == "Succeeded"
 
@@ -155,11 +164,14 @@ def test_job_finishing_while_suspending_still_counts() -> None:
 # --- idempotency and robustness ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world", [
-    pytest.param(World(), id="new"),
-    pytest.param(World(jobs=[vjob(active=1)], pods=[vpod("Running")]), id="validating"),
-    pytest.param(World(spec=merge(SPEC, {"lora": {"r": 0}})), id="invalid"),
-])
+@pytest.mark.parametrize(
+    "world",
+    [
+        pytest.param(World(), id="new"),
+        pytest.param(World(jobs=[vjob(active=1)], pods=[vpod("Running")]), id="validating"),
+        pytest.param(World(spec=merge(SPEC, {"lora": {"r": 0}})), id="invalid"),
+    ],
+)
 def test_same_inputs_same_plan(world: World) -> None:
     first, second = world.reconcile(), world.reconcile()
     assert first == second
@@ -177,8 +189,10 @@ def test_fixed_point_after_every_step_of_a_full_run() -> None:
         elif stage == 1:
             world.put(job("bot-train-1", active=1), pod("p1", "bot-train-1", "Running"))
         elif stage == 2:
-            world.put(job("bot-train-1", succeeded=1, condition="Complete"),
-                      pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)))
+            world.put(
+                job("bot-train-1", succeeded=1, condition="Complete"),
+                pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=result(adapter=True)),
+            )
     assert world.status is not None and world.status["phase"] == "Succeeded"
     assert world.reconcile().actions == ()
 
@@ -190,18 +204,23 @@ def test_garbage_in_status_is_dropped_not_fatal() -> None:
     assert "foreign" not in plan.patch  # not ours: left alone
 
 
-@pytest.mark.parametrize(("event", "meta", "status", "expected"), [
-    pytest.param(None, {}, {"phase": "Running", "observedGeneration": 1}, True, id="operator-start-resumes"),
-    pytest.param("ADDED", {}, None, True, id="created"),
-    pytest.param("MODIFIED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="status-patch"),
-    pytest.param("MODIFIED", {"generation": 2}, {"phase": "Running", "observedGeneration": 1}, True,
-                 id="spec-changed"),
-    pytest.param("MODIFIED", {}, {"progress": {"step": 3}}, True, id="status-wiped"),
-    pytest.param("MODIFIED", {"deletionTimestamp": "t"}, {"phase": "Running"}, False, id="being-deleted"),
-    pytest.param("DELETED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="deleted"),
-])
-def test_needs_reconcile(event: str | None, meta: dict[str, Any], status: dict[str, Any] | None,
-                         expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("event", "meta", "status", "expected"),
+    [
+        pytest.param(None, {}, {"phase": "Running", "observedGeneration": 1}, True, id="operator-start-resumes"),
+        pytest.param("ADDED", {}, None, True, id="created"),
+        pytest.param("MODIFIED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="status-patch"),
+        pytest.param(
+            "MODIFIED", {"generation": 2}, {"phase": "Running", "observedGeneration": 1}, True, id="spec-changed"
+        ),
+        pytest.param("MODIFIED", {}, {"progress": {"step": 3}}, True, id="status-wiped"),
+        pytest.param("MODIFIED", {"deletionTimestamp": "t"}, {"phase": "Running"}, False, id="being-deleted"),
+        pytest.param("DELETED", {}, {"phase": "Running", "observedGeneration": 1}, False, id="deleted"),
+    ],
+)
+def test_needs_reconcile(
+    event: str | None, meta: dict[str, Any], status: dict[str, Any] | None, expected: bool
+) -> None:
     body: dict[str, Any] = {"metadata": {"name": "bot", "generation": 1, **meta}}
     if status is not None:
         body["status"] = status

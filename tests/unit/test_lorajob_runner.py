@@ -12,8 +12,13 @@ from kubelora.handlers.lorajob_runner import Reconciler
 from kubelora.reconcile.lorajob_observed import Observed, job_state
 from kubelora.settings import Settings
 
-SPEC = {"baseModel": {"uri": "pvc://models/tiny"}, "dataset": {"uri": "pvc://data/train.jsonl"},
-        "output": {"uri": "pvc://adapters/bot"}, "method": "lora", "resources": {"gpus": 0}}
+SPEC = {
+    "baseModel": {"uri": "pvc://models/tiny"},
+    "dataset": {"uri": "pvc://data/train.jsonl"},
+    "output": {"uri": "pvc://adapters/bot"},
+    "method": "lora",
+    "resources": {"gpus": 0},
+}
 LJ = path("kubelora.io/v1alpha1", "LoRAJob", "ml", "bot")
 
 
@@ -38,9 +43,15 @@ class FakeApi:
         self.fail: dict[tuple[str, str], int] = {}
         self.gate: asyncio.Event | None = None
 
-    async def request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
-                      params: Mapping[str, str] | None = None,
-                      content_type: str = "application/json") -> dict[str, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
         self.calls.append((method, path))
         if self.gate is not None:
             await self.gate.wait()
@@ -71,8 +82,12 @@ class FakeApi:
 
 
 def lorajob(**status: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "spec": SPEC,
-                            "metadata": {"name": "bot", "namespace": "ml", "uid": "u1", "generation": 1}}
+    body: dict[str, Any] = {
+        "apiVersion": "kubelora.io/v1alpha1",
+        "kind": "LoRAJob",
+        "spec": SPEC,
+        "metadata": {"name": "bot", "namespace": "ml", "uid": "u1", "generation": 1},
+    }
     if status:
         body["status"] = status
     return body
@@ -104,8 +119,13 @@ def test_first_reconcile_creates_preflight_and_writes_status_once() -> None:
 
 def test_existing_children_are_fine() -> None:
     """A restarted operator that lost the status patch re-creates: 409 is success, no duplicate."""
-    api = FakeApi({LJ: lorajob(), "/api/v1/namespaces/ml/configmaps/bot-trainer-1": {},
-                   "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1": {}})
+    api = FakeApi(
+        {
+            LJ: lorajob(),
+            "/api/v1/namespaces/ml/configmaps/bot-trainer-1": {},
+            "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1": {},
+        }
+    )
     run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.objects[LJ]["status"]["validationJobName"] == "bot-validate-1"
     assert sum(1 for m, p in api.calls if m == "POST") == 2
@@ -113,10 +133,20 @@ def test_existing_children_are_fine() -> None:
 
 def test_index_lag_is_filled_by_a_direct_read() -> None:
     """Status names a Job the index has not seen yet: read it instead of declaring it vanished."""
-    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
-                                                             "kubelora.io/revision": "1"}}, "status": {"active": 1}}
-    status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "validationJobName": "bot-validate-1",
-              "observedGeneration": 1}
+    train = {
+        "metadata": {
+            "name": "bot-train-1",
+            "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+        },
+        "status": {"active": 1},
+    }
+    status = {
+        "phase": "Running",
+        "revision": 1,
+        "jobName": "bot-train-1",
+        "validationJobName": "bot-validate-1",
+        "observedGeneration": 1,
+    }
     api = FakeApi({LJ: lorajob(**status), "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
     run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.objects[LJ]["status"]["phase"] == "Running"
@@ -124,9 +154,13 @@ def test_index_lag_is_filled_by_a_direct_read() -> None:
 
 
 def test_finished_job_without_pod_status_lists_its_pods() -> None:
-    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
-                                                             "kubelora.io/revision": "1"}},
-             "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    train = {
+        "metadata": {
+            "name": "bot-train-1",
+            "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+        },
+        "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
+    }
     status = {"phase": "Running", "revision": 1, "jobName": "bot-train-1", "observedGeneration": 1}
     api = FakeApi({LJ: lorajob(**status)})
     run(Reconciler(api, Settings()).kick(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
@@ -170,8 +204,13 @@ def test_api_errors_are_retried_with_backoff() -> None:
 
 
 def test_suspend_deletes_in_the_foreground() -> None:
-    train = {"metadata": {"name": "bot-train-1", "labels": {"app.kubernetes.io/component": "trainer",
-                                                             "kubelora.io/revision": "1"}}, "status": {"active": 1}}
+    train = {
+        "metadata": {
+            "name": "bot-train-1",
+            "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+        },
+        "status": {"active": 1},
+    }
     body = lorajob(phase="Running", revision=1, jobName="bot-train-1", observedGeneration=1)
     body["spec"] = {**SPEC, "suspend": True}
     body["metadata"]["generation"] = 2

@@ -23,13 +23,23 @@ NOW = "2026-01-01T00:00:00Z"
 LATER = "2026-01-01T01:00:00Z"
 DIGEST = "sha256:" + "ab" * 32
 SPEC: dict[str, Any] = {
-    "baseModel": {"uri": "pvc://models/tiny"}, "dataset": {"uri": "pvc://data/train.jsonl"},
-    "output": {"uri": "pvc://adapters/bot"}, "method": "lora", "resources": {"gpus": 0},
-    "training": {"maxSteps": 20, "saveSteps": 5, "learningRate": 0.005}, "backoffLimit": 2,
+    "baseModel": {"uri": "pvc://models/tiny"},
+    "dataset": {"uri": "pvc://data/train.jsonl"},
+    "output": {"uri": "pvc://adapters/bot"},
+    "method": "lora",
+    "resources": {"gpus": 0},
+    "training": {"maxSteps": 20, "saveSteps": 5, "learningRate": 0.005},
+    "backoffLimit": 2,
 }
 SETTINGS = Settings(trainer_image="ghcr.io/kubelora/trainer:test")
-ADAPTER = {"uri": "pvc://adapters/bot/rev-1", "digest": DIGEST, "sizeBytes": 1234, "rank": 16,
-           "baseModel": "pvc://models/tiny", "peftType": "LORA"}
+ADAPTER = {
+    "uri": "pvc://adapters/bot/rev-1",
+    "digest": DIGEST,
+    "sizeBytes": 1234,
+    "rank": 16,
+    "baseModel": "pvc://models/tiny",
+    "peftType": "LORA",
+}
 
 
 def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -45,8 +55,9 @@ def merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def result(ok: bool = True, reason: str = "", message: str = "", adapter: bool = False,
-           validation: bool = False) -> str:
+def result(
+    ok: bool = True, reason: str = "", message: str = "", adapter: bool = False, validation: bool = False
+) -> str:
     data: dict[str, Any] = {"ok": ok, "reason": reason, "message": message}
     if adapter:
         data["adapter"] = ADAPTER
@@ -55,29 +66,76 @@ def result(ok: bool = True, reason: str = "", message: str = "", adapter: bool =
     return json.dumps(data)
 
 
-def job(name: str, revision: int = 1, *, component: str = "trainer", active: int = 0, succeeded: int = 0,
-        failed: int = 0, condition: str | None = None, reason: str = "", deleting: bool = False,
-        created: str = NOW) -> dict[str, Any]:
+def job(
+    name: str,
+    revision: int = 1,
+    *,
+    component: str = "trainer",
+    active: int = 0,
+    succeeded: int = 0,
+    failed: int = 0,
+    condition: str | None = None,
+    reason: str = "",
+    deleting: bool = False,
+    created: str = NOW,
+) -> dict[str, Any]:
     status: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed}
     if condition:
         status["conditions"] = [{"type": condition, "status": "True", "reason": reason, "message": reason}]
         status["completionTime"] = LATER if condition == "Complete" else None
-    meta: dict[str, Any] = {"name": name, "uid": f"uid-{name}", "creationTimestamp": created, "labels": {
-        "kubelora.io/lorajob": "bot", "app.kubernetes.io/component": component, "kubelora.io/revision": str(revision)}}
+    meta: dict[str, Any] = {
+        "name": name,
+        "uid": f"uid-{name}",
+        "creationTimestamp": created,
+        "labels": {
+            "kubelora.io/lorajob": "bot",
+            "app.kubernetes.io/component": component,
+            "kubelora.io/revision": str(revision),
+        },
+    }
     if deleting:
         meta["deletionTimestamp"] = LATER
     return {"metadata": meta, "status": status}
 
 
-def pod(name: str, job_name: str, phase: str = "Pending", *, exit_code: int | None = None, message: str = "",
-        component: str = "trainer", revision: int = 1, created: str = NOW) -> dict[str, Any]:
+def pod(
+    name: str,
+    job_name: str,
+    phase: str = "Pending",
+    *,
+    exit_code: int | None = None,
+    message: str = "",
+    component: str = "trainer",
+    revision: int = 1,
+    created: str = NOW,
+) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
     if exit_code is not None:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error", "message": message}}}]
-    return {"metadata": {"name": name, "creationTimestamp": created, "labels": {
-        "job-name": job_name, "kubelora.io/lorajob": "bot", "app.kubernetes.io/component": component,
-        "kubelora.io/revision": str(revision)}}, "status": status}
+        status["containerStatuses"] = [
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": "Completed" if exit_code == 0 else "Error",
+                        "message": message,
+                    }
+                },
+            }
+        ]
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "labels": {
+                "job-name": job_name,
+                "kubelora.io/lorajob": "bot",
+                "app.kubernetes.io/component": component,
+                "kubelora.io/revision": str(revision),
+            },
+        },
+        "status": status,
+    }
 
 
 def vjob(revision: int = 1, **kw: Any) -> dict[str, Any]:
@@ -85,8 +143,14 @@ def vjob(revision: int = 1, **kw: Any) -> dict[str, Any]:
 
 
 def vpod(phase: str, revision: int = 1, **kw: Any) -> dict[str, Any]:
-    return pod(f"bot-validate-{revision}-abcde", f"bot-validate-{revision}", phase, component="preflight",
-               revision=revision, **kw)
+    return pod(
+        f"bot-validate-{revision}-abcde",
+        f"bot-validate-{revision}",
+        phase,
+        component="preflight",
+        revision=revision,
+        **kw,
+    )
 
 
 @dataclass
@@ -100,9 +164,12 @@ class World:
 
     @property
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "spec": self.spec,
-                                "metadata": {"name": "bot", "namespace": "ml", "uid": "uid-bot",
-                                             "generation": self.generation}}
+        body: dict[str, Any] = {
+            "apiVersion": "kubelora.io/v1alpha1",
+            "kind": "LoRAJob",
+            "spec": self.spec,
+            "metadata": {"name": "bot", "namespace": "ml", "uid": "uid-bot", "generation": self.generation},
+        }
         if self.status is not None:
             body["status"] = self.status
         return body
@@ -121,8 +188,13 @@ class World:
         for action in plan.actions:
             if isinstance(action, Create) and action.kind == "Job":
                 labels = action.manifest["metadata"]["labels"]
-                self.jobs.append(job(action.name, int(labels["kubelora.io/revision"]),
-                                     component=labels["app.kubernetes.io/component"]))
+                self.jobs.append(
+                    job(
+                        action.name,
+                        int(labels["kubelora.io/revision"]),
+                        component=labels["app.kubernetes.io/component"],
+                    )
+                )
             elif isinstance(action, Delete):
                 for j in self.jobs:
                     if j["metadata"]["name"] == action.name:
@@ -153,8 +225,10 @@ def names(plan: Plan) -> list[str]:
 
 def running_world(**status: Any) -> World:
     """Validated, training Job bot-train-1 created, as the operator would have left it."""
-    world = World(jobs=[vjob(succeeded=1, condition="Complete")],
-                  pods=[vpod("Succeeded", exit_code=0, message=result(validation=True))])
+    world = World(
+        jobs=[vjob(succeeded=1, condition="Complete")],
+        pods=[vpod("Succeeded", exit_code=0, message=result(validation=True))],
+    )
     world.step()
     world.step()
     assert world.status is not None and world.status["phase"] == "Running"

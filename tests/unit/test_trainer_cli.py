@@ -15,10 +15,12 @@ from kubelora_trainer.__main__ import TERMINATION_LIMIT, main, result_json
 
 
 def test_help_is_fast_and_imports_nothing_heavy() -> None:
-    code = ("import sys, runpy; sys.argv=['kubelora-train','--help']\n"
-            "try:\n    runpy.run_module('kubelora_trainer', run_name='__main__')\nexcept SystemExit: pass\n"
-            "heavy=[m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys, runpy; sys.argv=['kubelora-train','--help']\n"
+        "try:\n    runpy.run_module('kubelora_trainer', run_name='__main__')\nexcept SystemExit: pass\n"
+        "heavy=[m for m in ('torch','transformers','trl','peft','datasets') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert time.monotonic() - t0 < 5

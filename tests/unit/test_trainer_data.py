@@ -23,12 +23,15 @@ def load(uri: str, **kw: object) -> object:
     return load_splits(DatasetSource(uri=uri, **kw), seed=42)
 
 
-@pytest.mark.parametrize(("row", "fmt"), [
-    (CHAT, "messages"),
-    ({"prompt": "a", "completion": "b"}, "prompt-completion"),
-    ({"text": "t", "id": 3}, "text"),
-    ({"question": "q"}, None),
-])
+@pytest.mark.parametrize(
+    ("row", "fmt"),
+    [
+        (CHAT, "messages"),
+        ({"prompt": "a", "completion": "b"}, "prompt-completion"),
+        ({"text": "t", "id": 3}, "text"),
+        ({"question": "q"}, None),
+    ],
+)
 def test_detect_format(row: dict[str, object], fmt: str | None) -> None:
     assert detect_format(row) == fmt
 
@@ -59,8 +62,11 @@ def test_json_file_holding_json_lines_is_accepted(tmp_path: Path) -> None:
 def test_json_object_wrapping_rows_is_explained(tmp_path: Path) -> None:
     p = tmp_path / "wrapped.json"
     p.write_text(json.dumps({"data": [CHAT, CHAT]}))
-    with pytest.raises(InvalidDatasetError, match=r'wrapped\.json: one JSON object that is not a row \(the rows '
-                                                   r'seem to be under "data"'):
+    with pytest.raises(
+        InvalidDatasetError,
+        match=r"wrapped\.json: one JSON object that is not a row \(the rows "
+        r'seem to be under "data"',
+    ):
         load(f"file://{p}")
     single = tmp_path / "single.json"
     single.write_text(json.dumps(CHAT, indent=2))  # one row, pretty-printed over several lines
@@ -100,8 +106,9 @@ def test_invalid_json_in_array_file_names_its_line(tmp_path: Path) -> None:
 
 def test_missing_keys_and_unknown_roles_are_all_listed(tmp_path: Path) -> None:
     bad_role = {"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "x"}]}
-    uri = write_lines(tmp_path / "t.jsonl", [json.dumps(CHAT), json.dumps({"text": "no messages"}),
-                                             json.dumps(bad_role)])
+    uri = write_lines(
+        tmp_path / "t.jsonl", [json.dumps(CHAT), json.dumps({"text": "no messages"}), json.dumps(bad_role)]
+    )
     with pytest.raises(InvalidDatasetError) as exc:
         load(uri)
     msg = exc.value.message
@@ -123,7 +130,9 @@ def test_row_without_assistant_turn_is_rejected() -> None:
 
 def test_prompt_completion_shapes() -> None:
     assert check_row({"prompt": "a", "completion": "b", "x": 1}, "prompt-completion") == (
-        {"prompt": "a", "completion": "b"}, None)
+        {"prompt": "a", "completion": "b"},
+        None,
+    )
     conv = {"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}]}
     assert check_row(conv, "prompt-completion")[1] is None
     assert "both be strings" in (check_row({"prompt": "a", "completion": ["b"]}, "prompt-completion")[1] or "")

@@ -25,8 +25,9 @@ from kubelora_trainer.publish import ManifestError, _publish_local, build_manife
 
 def make_adapter_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
-                                                          "target_modules": ["v_proj", "q_proj"]}))
+    (root / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"]})
+    )
     (root / "adapter_model.safetensors").write_bytes(b"\x00weights" * 100)
     (root / "sub").mkdir(exist_ok=True)
     (root / "sub" / "extra.txt").write_text("x")
@@ -34,10 +35,20 @@ def make_adapter_dir(root: Path) -> Path:
 
 
 def run_config(tmp_path: Path) -> TrainerRunConfig:
-    return TrainerRunConfig.model_validate({
-        "name": "bot", "namespace": "team", "revision": 3,
-        "spec": {"baseModel": {"uri": "pvc://models/llama"}, "dataset": {"uri": "pvc://data/t.jsonl"},
-                 "output": {"uri": f"file://{tmp_path}/out"}, "method": "lora", "lora": {"r": 8, "alpha": 16}}})
+    return TrainerRunConfig.model_validate(
+        {
+            "name": "bot",
+            "namespace": "team",
+            "revision": 3,
+            "spec": {
+                "baseModel": {"uri": "pvc://models/llama"},
+                "dataset": {"uri": "pvc://data/t.jsonl"},
+                "output": {"uri": f"file://{tmp_path}/out"},
+                "method": "lora",
+                "lora": {"r": 8, "alpha": 16},
+            },
+        }
+    )
 
 
 def test_digest_is_sha256sum_listing() -> None:
@@ -54,8 +65,10 @@ def test_digest_matches_coreutils(tmp_path: Path) -> None:
     (root / MANIFEST_FILE).write_text("{}")
     (root / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (root / "checkpoints" / "checkpoint-1" / "x").write_text("ignored")
-    cmd = ("find . -type f ! -name kubelora-manifest.json ! -path './checkpoints/*' -printf '%P\\n' "
-           "| LC_ALL=C sort | xargs sha256sum | sha256sum")
+    cmd = (
+        "find . -type f ! -name kubelora-manifest.json ! -path './checkpoints/*' -printf '%P\\n' "
+        "| LC_ALL=C sort | xargs sha256sum | sha256sum"
+    )
     out = subprocess.run(["sh", "-c", cmd], cwd=root, capture_output=True, text=True, check=True).stdout.split()[0]
     assert digest_of(hash_tree(root)) == f"sha256:{out}"
 
@@ -118,8 +131,12 @@ def test_verify_without_manifest(tmp_path: Path) -> None:
         verify_adapter_dir(root)
 
 
-def _checkpoint(root: Path, step: int, state_step: int | None = None, files: tuple[str, ...] = (
-        "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")) -> Path:
+def _checkpoint(
+    root: Path,
+    step: int,
+    state_step: int | None = None,
+    files: tuple[str, ...] = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt"),
+) -> Path:
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
     for f in files:
@@ -144,8 +161,9 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path: Path) -> None:
     assert not torn.exists() and not bad.exists()
 
 
-def test_resume_with_only_broken_checkpoints_starts_over_loudly(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_with_only_broken_checkpoints_starts_over_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "c"
     d = _checkpoint(root, 3, None)
     (d / "trainer_state.json").write_text('{"global_st')

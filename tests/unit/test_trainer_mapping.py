@@ -16,17 +16,29 @@ OLD_GPU = Device("cuda", bf16=False)
 
 
 def spec(**over: Any) -> LoRAJobSpec:
-    body: dict[str, Any] = {"baseModel": {"uri": "pvc://models/llama"}, "dataset": {"uri": "pvc://data/t.jsonl"},
-                            "output": {"uri": "pvc://out/x"}}
+    body: dict[str, Any] = {
+        "baseModel": {"uri": "pvc://models/llama"},
+        "dataset": {"uri": "pvc://data/t.jsonl"},
+        "output": {"uri": "pvc://out/x"},
+    }
     body.update(over)
     return LoRAJobSpec.model_validate(body)
 
 
 def test_lora_kwargs() -> None:
-    kw = mapping.lora_kwargs(LoraSpec(r=8, alpha=16, dropout=0.1, target_modules="q_proj,v_proj",
-                                      use_rslora=True, use_dora=True))
-    assert kw == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
-                  "use_rslora": True, "use_dora": True, "bias": "none", "task_type": "CAUSAL_LM"}
+    kw = mapping.lora_kwargs(
+        LoraSpec(r=8, alpha=16, dropout=0.1, target_modules="q_proj,v_proj", use_rslora=True, use_dora=True)
+    )
+    assert kw == {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "target_modules": ["q_proj", "v_proj"],
+        "use_rslora": True,
+        "use_dora": True,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
     assert mapping.lora_kwargs(LoraSpec())["target_modules"] == "all-linear"
 
 
@@ -47,8 +59,12 @@ def test_precision_plans() -> None:
 def test_bnb_kwargs() -> None:
     q = QuantizationSpec(quant_type="fp4", double_quant=False)
     kw = mapping.bnb_kwargs(q, mapping.plan_precision("qlora", q, CPU))
-    assert kw == {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
-                  "bnb_4bit_compute_dtype": "float32"}
+    assert kw == {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "fp4",
+        "bnb_4bit_use_double_quant": False,
+        "bnb_4bit_compute_dtype": "float32",
+    }
 
 
 def test_optimizer_mapping() -> None:
@@ -72,8 +88,18 @@ def test_batching(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_sft_kwargs_cpu() -> None:
-    s = spec(training={"maxSteps": 20, "learningRate": 0.005, "warmupRatio": 0.1, "batchSize": 2,
-                       "gradientAccumulationSteps": 3, "saveSteps": 10, "evalSteps": 5, "scheduler": "linear"})
+    s = spec(
+        training={
+            "maxSteps": 20,
+            "learningRate": 0.005,
+            "warmupRatio": 0.1,
+            "batchSize": 2,
+            "gradientAccumulationSteps": 3,
+            "saveSteps": 10,
+            "evalSteps": 5,
+            "scheduler": "linear",
+        }
+    )
     kw = mapping.sft_kwargs(s, output_dir="/o", device=CPU, data_format="messages", has_eval=True, train_rows=100)
     assert kw["max_steps"] == 20 and kw["learning_rate"] == 0.005 and kw["lr_scheduler_type"] == "linear"
     assert kw["warmup_steps"] == 0.1  # a float < 1 is a ratio in transformers 5
@@ -91,8 +117,9 @@ def test_sft_kwargs_cpu() -> None:
 
 def test_sft_kwargs_gpu_and_edge_cases() -> None:
     s = spec(method="qlora", training={"epochs": 2, "saveSteps": 50, "evalSteps": 20})
-    kw = mapping.sft_kwargs(s, output_dir="/o", device=GPU, data_format="prompt-completion", has_eval=True,
-                            train_rows=1000)
+    kw = mapping.sft_kwargs(
+        s, output_dir="/o", device=GPU, data_format="prompt-completion", has_eval=True, train_rows=1000
+    )
     assert kw["max_steps"] == -1 and kw["num_train_epochs"] == 2
     assert kw["bf16"] is True and kw["use_cpu"] is False
     assert kw["packing"] is True and kw["max_length"] == 2048
@@ -101,8 +128,14 @@ def test_sft_kwargs_gpu_and_edge_cases() -> None:
     assert kw["optim"] == "paged_adamw_32bit"
     assert kw["assistant_only_loss"] is False
     assert "load_best_model_at_end" not in kw  # 50 is not a multiple of 20: the best step may not be saved
-    no_eval = mapping.sft_kwargs(spec(training={"warmupRatio": 0}), output_dir="/o", device=GPU,
-                                 data_format="text", has_eval=False, train_rows=10)
+    no_eval = mapping.sft_kwargs(
+        spec(training={"warmupRatio": 0}),
+        output_dir="/o",
+        device=GPU,
+        data_format="text",
+        has_eval=False,
+        train_rows=10,
+    )
     assert no_eval["eval_strategy"] == "no" and no_eval["warmup_steps"] == 0
     assert "load_best_model_at_end" not in no_eval
 

@@ -28,14 +28,14 @@ class Clock:
 
 def test_tracker_computes_percent_eta_and_throughput() -> None:
     clock, sink = Clock(), RecordingSink()
-    tr = ProgressTracker([sink], interval=0, checkpoint_uri=lambda n: f"pvc://out/rev-1/checkpoints/{n}",
-                         clock=clock)
+    tr = ProgressTracker([sink], interval=0, checkpoint_uri=lambda n: f"pvc://out/rev-1/checkpoints/{n}", clock=clock)
     tr.start(0, 10)
     for step in range(1, 11):
         clock.t += 2.0
         tr.step(step, 10, step / 5)
-        tr.logged(step, 10, {"loss": 5.0 - step * 0.1, "learning_rate": 1e-4, "num_tokens": 100 * step,
-                             "epoch": step / 5})
+        tr.logged(
+            step, 10, {"loss": 5.0 - step * 0.1, "learning_rate": 1e-4, "num_tokens": 100 * step, "epoch": step / 5}
+        )
         if step == 5:
             tr.saved("checkpoint-5")
     tr.logged(10, 10, {"eval_loss": 4.2, "epoch": 2.0})
@@ -116,8 +116,7 @@ def test_kube_sink_merge_patches_status_progress() -> None:
     sink.close()
     group, version, ns, plural, name, body = api.calls[-1]
     assert (group, version, ns, plural, name) == ("kubelora.io", "v1alpha1", "team", "lorajobs", "bot")
-    assert body == {"status": {"progress": {"step": 3, "totalSteps": 10, "epoch": 0.0, "percent": 30,
-                                            "loss": 1.5}}}
+    assert body == {"status": {"progress": {"step": 3, "totalSteps": 10, "epoch": 0.0, "percent": 30, "loss": 1.5}}}
     assert api.kwargs[-1]["_content_type"] == "application/merge-patch+json"
 
 

@@ -28,8 +28,9 @@ def expand(text: str, mapping: dict[str, str]) -> str:
     return _REF.sub(sub, text)
 
 
-def get_object(kube: Kube, namespace: str, kind: str, name: str, optional: bool,
-               missing: str = "CreateContainerConfigError") -> Obj | None:
+def get_object(
+    kube: Kube, namespace: str, kind: str, name: str, optional: bool, missing: str = "CreateContainerConfigError"
+) -> Obj | None:
     """A namespaced core object, None if optional and absent; otherwise absence is a ConfigError(missing)."""
     try:
         return kube.get(f"/api/v1/namespaces/{namespace}/{kind}/{name}")

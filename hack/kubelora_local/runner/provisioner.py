@@ -97,6 +97,8 @@ class Provisioner:
                 log.warning("deleting released volume %s failed: %s", meta["name"], e)
 
     def start(self, stop: threading.Event) -> None:
-        for path, handler in (("/api/v1/persistentvolumeclaims", self.on_claim),
-                              ("/api/v1/persistentvolumes", self.on_volume)):
+        for path, handler in (
+            ("/api/v1/persistentvolumeclaims", self.on_claim),
+            ("/api/v1/persistentvolumes", self.on_volume),
+        ):
             threading.Thread(target=list_watch, args=(self.kube, path, handler, stop), daemon=True).start()
