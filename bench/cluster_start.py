@@ -1,7 +1,8 @@
 """Time `kubelora-local up` (cached binaries) until the cluster is ready, over a few runs.
 
-Ready means what `up` waits for: apiserver /readyz, CRDs Established, SA default/default with its
-token Secret, and Node local-node Ready (so Pods can run). Each run uses a private state dir and
+Ready means what `up` waits for: apiserver /readyz, CRDs Established, SA default/default and the
+kube-root-ca.crt ConfigMap (what a pod's token volume needs), CoreDNS ready, and Node local-node
+Ready (so Pods schedule and run). Each run uses a private state dir and
 pod subnet, so the benchmark does not disturb a cluster you have running.
 
     .venv/bin/python bench/cluster_start.py [--runs 5] [--crds DIR]

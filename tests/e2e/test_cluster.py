@@ -43,7 +43,7 @@ def _condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
 def test_server_is_kubernetes_v1_37(cluster: LocalCluster) -> None:
     version = json.loads(cluster.kube.text("/version"))
     assert version["gitVersion"] == "v1.37.2"
-    # What v1.20 lacked and the next features need is served.
+    # What the next features need is served: ValidatingAdmissionPolicy, Job podFailurePolicy.
     assert cluster.kube.get("/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies")["items"] == []
     assert "podFailurePolicy" in json.dumps(cluster.kube.get("/openapi/v3/apis/batch/v1"))
 

@@ -48,8 +48,6 @@ def structural(node: Any, defs: dict[str, Schema]) -> Any:
     if "const" in node:
         node["enum"] = [node.pop("const")]
     node.pop("title", None)
-    if node.get("default") == "":
-        del node["default"]  # kube-apiserver 1.20 reads `default: ''` as null and rejects the whole CRD
     if node.get("additionalProperties") is False:
         del node["additionalProperties"]
     if "exclusiveMinimum" in node and not isinstance(node["exclusiveMinimum"], bool):

@@ -28,8 +28,7 @@ def prune_empty(value: Any) -> Any:
     """Drop empty strings and nulls, recursively.
 
     Both sides of the comparison are pruned so that a server filling schema defaults (``message: ""``)
-    does not look like a change, and the patch never sends ``""`` (the local v1.20 API server decodes an
-    empty string in a custom resource as null and rejects it).
+    does not look like a change, and the patch never sends ``""`` for a field that is simply unset.
     """
     if isinstance(value, Mapping):
         return {k: prune_empty(v) for k, v in value.items() if v is not None and v != ""}
