@@ -1,4 +1,19 @@
-"""Phases, condition types and reasons: every value that appears in a status, with when it is set."""
+"""Phases, condition types and reasons: every value that appears in a status, with when it is set.
+
+Both kinds carry the three conditions that kstatus (Flux, kpt, cli-utils) and our Argo CD health
+check read, with the meaning the Kubernetes API conventions give them:
+
+- ``Ready``: True when the object has reached what its spec asks for (a LoRAJob published its
+  adapter; an AdapterDeployment serves every valid adapter on every desired replica).
+- ``Reconciling`` (abnormal-true): True while the operator or the workload is still working towards
+  the spec (pre-flight, queued, training, rolling out); False otherwise. kstatus reads InProgress.
+- ``Stalled`` (abnormal-true): True when no progress is possible without the user (bad spec, a
+  permission the operator lacks, a pod that cannot be scheduled or pulled, a failed run); False
+  otherwise. kstatus reads Failed. The message says what to fix.
+
+``status.observedGeneration`` is the generation these conditions describe; it advances only once
+that generation is really applied, so kstatus reads InProgress until then.
+"""
 
 from enum import StrEnum
 
@@ -10,6 +25,8 @@ class JobPhase(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     SUSPENDED = "Suspended"
+    QUEUED = "Queued"
+    """Kueue holds the training Job suspended until its ClusterQueue has quota."""
 
 
 class DeploymentPhase(StrEnum):
@@ -28,7 +45,11 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     """LoRAJob: the adapter is written and its manifest verified."""
     READY = "Ready"
-    """Both kinds: kstatus summary (True when the object has reached its goal)."""
+    """Both kinds: True when the object has reached its goal."""
+    RECONCILING = "Reconciling"
+    """Both kinds, abnormal-true: work towards the spec is under way (kstatus: InProgress)."""
+    STALLED = "Stalled"
+    """Both kinds, abnormal-true: no progress without the user; the message says what to fix (kstatus: Failed)."""
     PROGRESSING = "Progressing"
     """AdapterDeployment: pods or adapters are still converging."""
     DEGRADED = "Degraded"
