@@ -114,28 +114,24 @@ def test_training_changes_and_merge() -> None:
 # --- suspend / resume --------------------------------------------------------------------------
 
 
-def test_suspend_deletes_the_job_and_resume_continues_from_checkpoint() -> None:
+def test_suspend_suspends_the_job_and_resume_continues_from_checkpoint() -> None:
     world = running_world(progress={"step": 10, "lastCheckpoint": "checkpoint-10"})
     world.put(job("bot-train-1", active=1), pod("p1", "bot-train-1", "Running"))
     world.edit(suspend=True)
     suspended = world.step()
-    assert suspended.phase == "Suspended" and names(suspended) == ["delete Job/bot-train-1"]
+    assert suspended.phase == "Suspended" and names(suspended) == ["suspend Job/bot-train-1"]
     assert cond(suspended, "Running")["reason"] == "Suspended"
+    assert (cond(suspended, "Reconciling")["status"], cond(suspended, "Stalled")["status"]) == ("False", "False")
     assert "checkpoint-10" in suspended.message
-    assert world.reconcile().actions == ()  # the Job is terminating: not deleted twice
+    assert world.reconcile().actions == (), "the Job is suspended: not suspended twice"
 
+    world.pods = []  # the Job controller stopped the pod (it saved a checkpoint on SIGTERM)
     world.edit(suspend=False)
-    waiting = world.step()  # the old pod still runs: two trainers must never share a checkpoint dir
-    assert waiting.phase == "Suspended" and waiting.actions == ()
-    assert "waiting for pod p1" in waiting.message
-
-    world.jobs = [j for j in world.jobs if j["metadata"]["name"] != "bot-train-1"]
-    world.pods = [p for p in world.pods if p["metadata"]["name"] != "p1"]
     resumed = world.step(LATER)
-    assert resumed.phase == "Running" and resumed.status["jobName"] == "bot-train-3"
-    assert names(resumed)[-1] == "create Job/bot-train-3"
-    assert resumed.status["revision"] == 1 and resumed.status["attempts"] == 1
-    assert world.reconcile(LATER).patch == {}
+    assert names(resumed) == ["resume Job/bot-train-1"], "the same Job resumes: no second trainer, same attempts"
+    assert resumed.phase == "Running" and resumed.status["jobName"] == "bot-train-1"
+    assert resumed.status["revision"] == 1
+    assert world.reconcile(LATER).actions == ()
 
 
 def test_suspend_before_training_keeps_preflight_but_creates_no_training_job() -> None:

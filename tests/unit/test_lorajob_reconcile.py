@@ -160,7 +160,7 @@ def test_validation_message_survives_later_reconciles() -> None:
             id="deadline",
         ),
         pytest.param(
-            [job("bot-train-1", active=1, failed=1)],
+            [job("bot-train-1", failed=1, condition="Failed", reason="PodFailurePolicy")],
             [
                 pod(
                     "p1",
@@ -202,8 +202,9 @@ def test_training(
     if phase in ("Succeeded", "Failed"):
         assert plan.status["completionTime"] == LATER
         assert cond(plan, "Validated")["status"] == "True"
-    fail_fast = message.startswith("InvalidDataset")  # exit code 2: stop the Job's retries
-    assert names(plan) == (["delete Job/bot-train-1"] if fail_fast else [])
+    assert names(plan) == [], "the Job controller's podFailurePolicy stops retries on exit 2, not a delete"
+    assert cond(plan, "Stalled")["status"] == ("True" if phase == "Failed" else "False")
+    assert cond(plan, "Reconciling")["status"] == ("True" if phase == "Running" else "False")
     again = world.reconcile(LATER)
     assert (again.patch, again.actions) == ({}, ()), "not a fixed point"
 

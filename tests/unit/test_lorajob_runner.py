@@ -117,18 +117,64 @@ def test_first_reconcile_creates_preflight_and_writes_status_once() -> None:
     assert api.writes() == [], "a second reconcile with the same facts must not write"
 
 
+def owned(uid: str = "u1", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"ownerReferences": [{"kind": "LoRAJob", "name": "bot", "uid": uid, "controller": True}]}
+    if deleting:
+        meta["deletionTimestamp"] = "now"
+    return {"metadata": meta}
+
+
+CM = "/api/v1/namespaces/ml/configmaps/bot-trainer-1"
+VJOB = "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1"
+
+
 def test_existing_children_are_fine() -> None:
-    """A restarted operator that lost the status patch re-creates: 409 is success, no duplicate."""
-    api = FakeApi(
-        {
-            LJ: lorajob(),
-            "/api/v1/namespaces/ml/configmaps/bot-trainer-1": {},
-            "/apis/batch/v1/namespaces/ml/jobs/bot-validate-1": {},
-        }
-    )
+    """A restarted operator that lost the status patch re-creates: a 409 on its own child is success."""
+    api = FakeApi({LJ: lorajob(), CM: owned(), VJOB: owned()})
     run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))
     assert api.objects[LJ]["status"]["validationJobName"] == "bot-validate-1"
     assert sum(1 for m, p in api.calls if m == "POST") == 2
+    assert ("GET", CM) in api.calls, "the 409 is followed by a read of the owner"
+
+
+def stalled(api: FakeApi) -> dict[str, Any]:
+    return next(c for c in api.objects[LJ]["status"]["conditions"] if c["type"] == "Stalled")
+
+
+def cancel_retries(rec: Reconciler) -> int:
+    for task in rec._tasks:
+        task.cancel()
+    return len(rec._tasks)
+
+
+def test_children_of_an_earlier_lorajob_of_the_same_name_are_not_taken_over() -> None:
+    """Delete + re-create under the same name while the old ConfigMap waits for the garbage collector."""
+
+    async def scenario() -> tuple[FakeApi, int]:
+        api = FakeApi({LJ: lorajob(), CM: owned(uid="old-uid", deleting=True)})
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        return api, cancel_retries(rec)
+
+    api, retries = run(scenario())
+    assert retries == 1
+    assert ("POST", "/apis/batch/v1/namespaces/ml/jobs") not in api.calls, "no Job may mount the old ConfigMap"
+    cond = stalled(api)
+    assert cond["status"] == "True" and cond["reason"] == "NameConflict"
+    assert "earlier LoRAJob of the same name" in cond["message"]
+    assert "observedGeneration" not in api.objects[LJ]["status"], "the generation is not applied yet"
+
+
+def test_a_foreign_object_in_the_way_is_reported() -> None:
+    async def scenario() -> FakeApi:
+        api = FakeApi({LJ: lorajob(), CM: {"metadata": {}}})
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        cancel_retries(rec)
+        return api
+
+    cond = stalled(run(scenario()))
+    assert cond["reason"] == "NameConflict" and "not owned by this LoRAJob; delete or rename it" in cond["message"]
 
 
 def test_index_lag_is_filled_by_a_direct_read() -> None:
@@ -137,6 +183,7 @@ def test_index_lag_is_filled_by_a_direct_read() -> None:
         "metadata": {
             "name": "bot-train-1",
             "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+            "ownerReferences": [{"kind": "LoRAJob", "name": "bot", "uid": "u1", "controller": True}],
         },
         "status": {"active": 1},
     }
@@ -158,6 +205,7 @@ def test_finished_job_without_pod_status_lists_its_pods() -> None:
         "metadata": {
             "name": "bot-train-1",
             "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+            "ownerReferences": [{"kind": "LoRAJob", "name": "bot", "uid": "u1", "controller": True}],
         },
         "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]},
     }
@@ -187,27 +235,56 @@ def test_terminating_lorajob_is_left_to_garbage_collection() -> None:
     assert api.writes() == []
 
 
-def test_api_errors_are_retried_with_backoff() -> None:
+def test_transient_api_errors_are_retried_with_backoff() -> None:
+    async def scenario() -> tuple[FakeApi, Reconciler]:
+        api = FakeApi({LJ: lorajob()})
+        api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")] = 503
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        assert cancel_retries(rec) == 1
+        return api, rec
+
+    api, rec = run(scenario())
+    assert rec.last_error is not None and rec.last_error.status == 503
+    assert "status" not in api.objects[LJ], "status is written only after the children exist"
+
+
+def test_forbidden_create_is_a_stalled_condition_and_one_event(monkeypatch: Any) -> None:
+    from kubelora.handlers import lorajob_runner
+
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(lorajob_runner, "warn", lambda body, reason, message: events.append((reason, message)))
+
     async def scenario() -> tuple[FakeApi, Reconciler]:
         api = FakeApi({LJ: lorajob()})
         api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")] = 403
         rec = Reconciler(api, Settings())
-        await rec.kick(("ml", "bot"), nothing)
-        assert len(rec._tasks) == 1  # a retry is scheduled (30 s for RBAC errors)
-        for task in rec._tasks:
-            task.cancel()
+        for _ in range(3):  # the first try and two retries
+            await rec.kick(("ml", "bot"), nothing)
+            assert cancel_retries(rec) == 1
+            rec._tasks.clear()
         return api, rec
 
     api, rec = run(scenario())
-    assert rec.last_error is not None and rec.last_error.status == 403
-    assert "status" not in api.objects[LJ], "status is written only after the children exist"
+    cond = stalled(api)
+    assert cond["status"] == "True" and cond["reason"] == "Forbidden"
+    assert "cannot create Job bot-validate-1" in cond["message"] and "ServiceAccount" in cond["message"]
+    status = api.objects[LJ]["status"]
+    assert "validationJobName" not in status and status["phase"] == "Pending", "nothing that did not happen is recorded"
+    assert [r for r, _ in events] == ["Forbidden"], "one Warning Event per distinct problem, not one per retry"
+    assert sum(1 for c in api.calls if c == ("PATCH", LJ + "/status")) == 1, "retries with the same error write nothing"
+
+    del api.fail[("POST", "/apis/batch/v1/namespaces/ml/jobs")]
+    run(rec.kick(("ml", "bot"), nothing))
+    assert stalled(api)["status"] == "False" and api.objects[LJ]["status"]["phase"] == "Validating"
 
 
-def test_suspend_deletes_in_the_foreground() -> None:
+def test_suspend_sets_job_suspend() -> None:
     train = {
         "metadata": {
             "name": "bot-train-1",
             "labels": {"app.kubernetes.io/component": "trainer", "kubelora.io/revision": "1"},
+            "ownerReferences": [{"kind": "LoRAJob", "name": "bot", "uid": "u1", "controller": True}],
         },
         "status": {"active": 1},
     }
@@ -216,7 +293,9 @@ def test_suspend_deletes_in_the_foreground() -> None:
     body["metadata"]["generation"] = 2
     api = FakeApi({LJ: body, "/apis/batch/v1/namespaces/ml/jobs/bot-train-1": train})
     run(Reconciler(api, Settings()).kick(("ml", "bot"), lambda _: Observed(jobs=(job_state(train),))))
-    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
+    assert ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") in api.calls
+    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/bot-train-1") not in api.calls, "checkpoints and Job kept"
+    assert api.objects["/apis/batch/v1/namespaces/ml/jobs/bot-train-1"]["spec"]["suspend"] is True
     assert api.objects[LJ]["status"]["phase"] == "Suspended"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob import Plan, reconcile
-from kubelora.reconcile.lorajob_actions import Create, Delete
+from kubelora.reconcile.lorajob_actions import Create, Delete, Suspend
 from kubelora.reconcile.lorajob_observed import observe
 from kubelora.settings import Settings
 
@@ -78,6 +78,9 @@ def job(
     reason: str = "",
     deleting: bool = False,
     created: str = NOW,
+    owner: str = "uid-bot",
+    suspend: bool = False,
+    queue: str | None = None,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"active": active, "succeeded": succeeded, "failed": failed}
     if condition:
@@ -92,10 +95,13 @@ def job(
             "app.kubernetes.io/component": component,
             "kubelora.io/revision": str(revision),
         },
+        "ownerReferences": [{"kind": "LoRAJob", "name": "bot", "uid": owner, "controller": True}],
     }
+    if queue:
+        meta["labels"]["kueue.x-k8s.io/queue-name"] = queue
     if deleting:
         meta["deletionTimestamp"] = LATER
-    return {"metadata": meta, "status": status}
+    return {"metadata": meta, "spec": {"suspend": suspend}, "status": status}
 
 
 def pod(
@@ -108,8 +114,14 @@ def pod(
     component: str = "trainer",
     revision: int = 1,
     created: str = NOW,
+    conditions: list[dict[str, Any]] | None = None,
+    waiting: str | None = None,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"phase": phase}
+    if conditions:
+        status["conditions"] = conditions
+    if waiting:
+        status["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": waiting, "message": "m"}}}]
     if exit_code is not None:
         status["containerStatuses"] = [
             {
@@ -133,6 +145,7 @@ def pod(
                 "app.kubernetes.io/component": component,
                 "kubelora.io/revision": str(revision),
             },
+            "ownerReferences": [{"kind": "Job", "name": job_name, "uid": f"uid-{job_name}", "controller": True}],
         },
         "status": status,
     }
@@ -193,8 +206,14 @@ class World:
                         action.name,
                         int(labels["kubelora.io/revision"]),
                         component=labels["app.kubernetes.io/component"],
+                        suspend=action.manifest["spec"].get("suspend", False),
+                        queue=labels.get("kueue.x-k8s.io/queue-name"),
                     )
                 )
+            elif isinstance(action, Suspend):
+                for j in self.jobs:
+                    if j["metadata"]["name"] == action.name:
+                        j["spec"]["suspend"] = action.suspend
             elif isinstance(action, Delete):
                 for j in self.jobs:
                     if j["metadata"]["name"] == action.name:

@@ -19,8 +19,8 @@ import sys
 import traceback
 
 from kubelora.api.reasons import Reason
-from kubelora.api.runtime import TRAINER_CONFIG_PATH, TrainerResult, TrainerRunConfig
-from kubelora_trainer.errors import EXIT_FAILED, EXIT_OK, InvalidSpecError, TrainerError
+from kubelora.api.runtime import EXIT_FAILED, EXIT_OK, TRAINER_CONFIG_PATH, TrainerResult, TrainerRunConfig
+from kubelora_trainer.errors import InvalidSpecError, TrainerError
 
 log = logging.getLogger("kubelora_trainer")
 

@@ -7,10 +7,7 @@ dataset, the spec or the base model: a retry cannot help, so the operator does n
 from __future__ import annotations
 
 from kubelora.api.reasons import Reason
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_BAD_INPUT = 2
+from kubelora.api.runtime import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_STOPPED
 
 
 class TrainerError(Exception):
@@ -56,4 +53,4 @@ class TrainingStoppedError(TrainerError):
     """SIGTERM (suspend, Job deletion, node drain): a checkpoint was saved and the run stopped early."""
 
     reason = Reason.TRAINING_FAILED.value
-    exit_code = EXIT_FAILED
+    exit_code = EXIT_STOPPED

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kubelora.api.common import GROUP, VERSION, now_rfc3339
-from kubelora.api.lorajob import Progress
+from kubelora.api.lorajob import AdapterInfo, Progress
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,18 @@ class ProgressTracker:
         self._emit(force=True)
 
     def finish(self) -> None:
-        """Send the final state (100%) to every sink and close them."""
+        """Send the final state of training (100%) to every sink; they stay open for :meth:`published`."""
         p = self.progress
         if p.total_steps and p.step >= p.total_steps:
             self._update(percent=100, eta_seconds=0)
         self._emit(force=True)
+
+    def published(self, adapter: AdapterInfo) -> None:
+        """Record the published adapter in the status, so the result outlives the pod and its termination message."""
+        self._update(adapter=adapter)
+        self._emit(force=True)
+
+    def close(self) -> None:
         for sink in self.sinks:
             try:
                 sink.close()

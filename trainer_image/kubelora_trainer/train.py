@@ -188,6 +188,15 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
 
     if resume is not None:
         log.info("resuming from %s at step %d", resume.path, resume.step)
+    try:
+        return _train_and_publish(run, trainer, tracker, stop, resume, pre, vocab_before, n4)
+    finally:
+        tracker.close()
+
+
+def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTracker, stop: GracefulStop,
+                       resume: Any, pre: Any, vocab_before: int, n4: int) -> TrainerResult:
+    spec = run.spec
     t_train = time.monotonic()
     stop.install()
     try:
@@ -216,7 +225,8 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     if pre.splits.eval:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     changed_tokenizer = len(pre.tokenizer) != vocab_before
-    manifest, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer)
+    _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer)
+    tracker.published(info)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,
                          message=f"trained {int(metrics.get('global_step', 0))} steps; adapter {info.uri}",
                          adapter=info, metrics=metrics, validation=pre.stats)

@@ -142,6 +142,8 @@ class LoRAJobSpec(ApiModel):
     active_deadline_seconds: int = Field(default=86400, ge=60)
     suspend: bool = False
     """true stops training and keeps checkpoints; false resumes from the newest one."""
+    queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Kueue LocalQueue of the training Job: it is created suspended and runs once Kueue admits it."""
 
     @model_validator(mode="after")
     def _quantization_only_for_qlora(self) -> LoRAJobSpec:
@@ -162,6 +164,17 @@ class LoRAJobSpec(ApiModel):
                                                  "quantization", "training"})
 
 
+class AdapterInfo(ApiModel):
+    """The published adapter."""
+
+    uri: str
+    digest: Digest
+    size_bytes: int = Field(ge=0)
+    rank: int = Field(ge=1)
+    base_model: str
+    peft_type: str = "LORA"
+
+
 class Progress(ApiModel):
     """Live training progress, published by the trainer."""
 
@@ -176,17 +189,8 @@ class Progress(ApiModel):
     eta_seconds: int | None = None
     last_checkpoint: str | None = None
     updated_at: str | None = None
-
-
-class AdapterInfo(ApiModel):
-    """The published adapter."""
-
-    uri: str
-    digest: Digest
-    size_bytes: int = Field(ge=0)
-    rank: int = Field(ge=1)
-    base_model: str
-    peft_type: str = "LORA"
+    adapter: AdapterInfo | None = None
+    """Set by the trainer once the adapter is published: the result survives its pod."""
 
 
 class LoRAJobStatus(ApiModel):
@@ -204,6 +208,9 @@ class LoRAJobStatus(ApiModel):
     attempts: int = 0
     progress: Progress | None = None
     adapter: AdapterInfo | None = None
+    """The adapter of this revision, once published."""
+    last_succeeded_adapter: AdapterInfo | None = None
+    """The newest adapter any revision published; kept while a retrain runs or fails, so serving can stay on it."""
     message: str | None = None
     """Human summary of the latest transition."""
 

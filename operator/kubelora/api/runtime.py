@@ -14,6 +14,13 @@ from kubelora.api.common import ApiModel
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
 
 MANIFEST_FILE = "kubelora-manifest.json"
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""A failure a retry may fix (I/O, out of memory, a killed node)."""
+EXIT_BAD_INPUT = 2
+"""Bad input (dataset, spec, base model): retrying cannot help; the Job's podFailurePolicy fails it at once."""
+EXIT_STOPPED = 143
+"""128 + SIGTERM: stopped gracefully with a checkpoint saved; the podFailurePolicy does not count it."""
 TRAINER_CONFIG_PATH = "/etc/kubelora/job.json"
 DESIRED_ADAPTERS_KEY = "adapters.json"
 ADAPTER_CACHE_DIR = "/var/cache/kubelora/adapters"

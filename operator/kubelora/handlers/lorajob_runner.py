@@ -13,6 +13,7 @@ once directly (:meth:`Reconciler._fill_gaps`) before the pure logic concludes a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -21,13 +22,13 @@ from typing import Any
 import kopf
 
 from kubelora.api.common import now_rfc3339
-from kubelora.api.reasons import JobPhase
+from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.handlers.lorajob_client import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
-from kubelora.reconcile.lorajob_actions import Action, Create
-from kubelora.reconcile.lorajob_observed import Observed, job_state, pod_state
-from kubelora.reconcile.lorajob_status import TERMINAL
+from kubelora.reconcile.lorajob_actions import Action, Create, Delete
+from kubelora.reconcile.lorajob_observed import Observed, controller_uid, job_state, pod_state
+from kubelora.reconcile.lorajob_status import TERMINAL, blocked_status, status_patch
 from kubelora.resources.lorajob_config import parse_trainer_config_map
 from kubelora.resources.lorajob_names import JOB_NAME_LABEL, trainer_config_name
 from kubelora.settings import Settings
@@ -43,11 +44,36 @@ RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 log = logging.getLogger(__name__)
 
 
+PERSISTENT = {400: Reason.CHILD_REJECTED, 403: Reason.FORBIDDEN, 422: Reason.CHILD_REJECTED}
+"""API errors no retry fixes without the user: they become Stalled and a Warning Event."""
+
+
 def _delay(status: int, attempt: int) -> float:
     """Back off longer for errors a retry cannot fix quickly (RBAC, invalid manifests)."""
     base = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-    return max(base, 30.0) if status in (403, 422) else base
+    return max(base, 30.0) if status in PERSISTENT else base
 
+
+class Blocked(Exception):
+    """An action the operator cannot take until the user acts; ``reason``/``message`` go into Stalled."""
+
+    def __init__(self, reason: Reason, message: str, retry: float = 30.0) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry = retry
+
+
+def blocked_by(exc: ApiError, action: Action) -> Blocked | None:
+    """The Stalled verdict for a refused action, or None when a retry may succeed (5xx, timeouts, 429)."""
+    reason = PERSISTENT.get(exc.status)
+    if reason is None:
+        return None
+    verb = "create" if isinstance(action, Create) else "delete" if isinstance(action, Delete) else "update"
+    what = f"{action.kind} {action.name}"
+    fix = ("grant the operator's ServiceAccount this permission (see the chart's rbac.yaml) or raise the quota"
+           if exc.status == 403 else "the object the operator built was refused; check the spec fields it uses")
+    return Blocked(reason, f"cannot {verb} {what}: {exc}; {fix}")
 
 class Reconciler:
     def __init__(self, api: Api, settings: Settings) -> None:
@@ -58,6 +84,8 @@ class Reconciler:
         self._failures: dict[Key, int] = {}
         self._configs: dict[tuple[str, int], TrainerRunConfig] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: dict[Key, str] = {}
+        """The last Warning Event posted per object: one Event per distinct problem, not one per retry."""
         self.last_error: ApiError | None = None
 
     async def kick(self, key: Key, observe: Observer) -> None:
@@ -69,17 +97,23 @@ class Reconciler:
             self._pending.discard(key)
             try:
                 await self._reconcile(key, observe)
+            except Blocked as exc:
+                log.warning("LoRAJob %s/%s is stalled: %s", *key, exc.message)
+                self._retry(key, observe, exc.retry)
             except ApiError as exc:
                 attempt = self._failures.get(key, 0)
                 self._failures[key] = attempt + 1
                 delay = _delay(exc.status, attempt)
                 log.warning("reconcile of %s/%s failed (%s); retrying in %.0f s", *key, exc, delay)
                 self.last_error = exc
-                task = asyncio.create_task(self._later(key, observe, delay))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._retry(key, observe, delay)
             else:
                 self._failures.pop(key, None)
+
+    def _retry(self, key: Key, observe: Observer, delay: float) -> None:
+        task = asyncio.create_task(self._later(key, observe, delay))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _later(self, key: Key, observe: Observer, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -107,6 +141,7 @@ class Reconciler:
     def _forget(self, key: Key) -> None:
         self._locks.pop(key, None)
         self._failures.pop(key, None)
+        self._warned.pop(key, None)
 
     async def _fill_gaps(self, body: Mapping[str, Any], observed: Observed) -> Observed:
         """Read directly what the index may not show yet: Jobs named in the status, pods of finished Jobs."""
@@ -151,14 +186,30 @@ class Reconciler:
         return self._configs[cache_key]
 
     async def _act(self, namespace: str, action: Action) -> None:
+        try:
+            await self._call(namespace, action)
+        except ApiError as exc:
+            blocked = blocked_by(exc, action)
+            if blocked is None:
+                raise
+            raise blocked from exc
+
+    async def _call(self, namespace: str, action: Action) -> None:
         if isinstance(action, Create):
             manifest = action.manifest
+            collection = path(manifest["apiVersion"], manifest["kind"], namespace)
             try:
-                await self.api.request("POST", path(manifest["apiVersion"], manifest["kind"], namespace), manifest)
+                await self.api.request("POST", collection, manifest)
                 log.info("created %s %s/%s", action.kind, namespace, action.name)
             except ApiError as exc:
-                if exc.status != 409:  # made by an earlier reconcile whose status patch was lost
+                if exc.status != 409:
                     raise
+                await self._check_owner(namespace, action)
+            return
+        if not isinstance(action, Delete):
+            await self.api.request("PATCH", path("batch/v1", "Job", namespace, action.name),
+                                   {"spec": {"suspend": action.suspend}}, content_type=MERGE_PATCH)
+            log.info("%s", action)
             return
         try:
             await self.api.request("DELETE", path(action.api_version, action.kind, namespace, action.name),
@@ -168,22 +219,68 @@ class Reconciler:
             if exc.status != 404:
                 raise
 
+    async def _check_owner(self, namespace: str, action: Create) -> None:
+        """A 409 is ours only if the existing object's controller is this LoRAJob (same uid).
+
+        An earlier reconcile whose status patch was lost made it: fine. A LoRAJob deleted and
+        re-created under the same name left it for the garbage collector: wait. Anything else
+        belongs to someone else: the user must rename or remove it.
+        """
+        manifest = action.manifest
+        existing = await self.api.request("GET", path(manifest["apiVersion"], action.kind, namespace, action.name))
+        want = manifest["metadata"]["ownerReferences"][0]["uid"]
+        have = controller_uid(existing)
+        if have == want:
+            return
+        what = f"{action.kind} {namespace}/{action.name}"
+        if existing["metadata"].get("deletionTimestamp") or have:
+            raise Blocked(Reason.NAME_CONFLICT, f"waiting for {what} of an earlier LoRAJob of the same name to be "
+                          "deleted by the garbage collector", retry=2.0)
+        raise Blocked(Reason.NAME_CONFLICT, f"{what} exists and is not owned by this LoRAJob; delete or rename it")
+
     async def _apply(self, body: Mapping[str, Any], plan: Plan) -> bool:
-        """Act, then patch the status; False when the LoRAJob is gone."""
+        """Act, then patch the status; False when the LoRAJob is gone.
+
+        When an action is refused for good, the status says so (Stalled) instead of recording a plan
+        that never happened, and one Warning Event per distinct problem tells the user what to fix.
+        """
         meta = body["metadata"]
-        for action in plan.actions:
-            await self._act(meta["namespace"], action)
-        if plan.patch:
-            try:
-                await self.api.request("PATCH", path(LORAJOB_API, "LoRAJob", meta["namespace"], meta["name"], "status"),
-                                       {"status": plan.patch}, content_type=MERGE_PATCH)
-            except ApiError as exc:
-                if exc.status == 404:
-                    return False
-                raise
+        key = (meta["namespace"], meta["name"])
+        try:
+            for action in plan.actions:
+                await self._act(meta["namespace"], action)
+        except Blocked as exc:
+            await self._patch_status(body, status_patch(body.get("status"), blocked_status(
+                body.get("status"), exc.reason, exc.message, now_rfc3339())))
+            if self._warned.get(key) != exc.message:
+                self._warned[key] = exc.message
+                warn(body, exc.reason, exc.message)
+            raise
+        self._warned.pop(key, None)
+        if not await self._patch_status(body, plan.patch):
+            return False
         if plan.transitioned:
             post_transition(body, plan)
         return True
+
+    async def _patch_status(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+        """Merge-patch the status (nothing when empty); False when the LoRAJob is gone."""
+        if not patch:
+            return True
+        meta = body["metadata"]
+        try:
+            await self.api.request("PATCH", path(LORAJOB_API, "LoRAJob", meta["namespace"], meta["name"], "status"),
+                                   {"status": dict(patch)}, content_type=MERGE_PATCH)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+
+def warn(body: Mapping[str, Any], reason: str, message: str) -> None:
+    with contextlib.suppress(LookupError):  # outside a running operator (unit tests): kopf has no event queue
+        kopf.warn(kopf.Body(dict(body)), reason=reason, message=message)  # type: ignore[arg-type]
 
 
 def post_transition(body: Mapping[str, Any], plan: Plan) -> None:

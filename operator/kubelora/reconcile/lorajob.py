@@ -2,11 +2,13 @@
 
 Phases::
 
-    Pending -> Validating -> Running -> Succeeded | Failed
-                  |            ^  |
-                  v            |  v
-                Failed      Suspended   (spec.suspend deletes the training Job, keeps checkpoints;
-                                         back to false creates a new Job that resumes from them)
+    Pending -> Validating -> [Queued ->] Running -> Succeeded | Failed
+                  |                       ^  |
+                  v                       |  v
+                Failed                 Suspended   (spec.suspend suspends the training Job, keeps
+                                                    checkpoints; false resumes it from them)
+
+Queued: the Job carries Kueue's queue label and waits suspended until Kueue admits it.
 
 Which revision runs, and with which spec, is decided here:
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus
+from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec, LoRAJobStatus
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob_actions import Action, Delete
@@ -93,6 +95,17 @@ def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     return bool(status.get("observedGeneration") != body["metadata"].get("generation") or not status.get("phase"))
 
 
+def published_adapter(progress: Mapping[str, Any] | None) -> AdapterInfo | None:
+    """The adapter the trainer recorded in ``status.progress`` (None if absent or malformed)."""
+    raw = (progress or {}).get("adapter")
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return AdapterInfo.model_validate(raw)
+    except ValidationError:
+        return None
+
+
 def training_changes(current: LoRAJobSpec, trained: LoRAJobSpec) -> list[str]:
     """Dotted manifest paths (``spec.training.learningRate``) of training fields that differ."""
     return _diff(trained.training_fields(), current.training_fields(), "spec")
@@ -139,6 +152,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRu
     needed only when ``metadata.generation`` differs from ``status.revision``); ``now`` is RFC 3339.
     """
     generation = int(body["metadata"].get("generation") or 1)
+    observed = observed.owned_by(str(body["metadata"].get("uid") or ""))
     raw_status: Mapping[str, Any] = body.get("status") or {}
     raw_progress = raw_status.get("progress")
     progress = raw_progress if isinstance(raw_progress, dict) else None
@@ -158,7 +172,8 @@ def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRu
     if spec is not None and (old.revision is None or (changes and (old.phase in TERMINAL or not_started))):
         if old.revision is not None and not_started:
             actions.append(Delete("batch/v1", "Job", validation_job_name(body["metadata"]["name"], old.revision)))
-        status = LoRAJobStatus(revision=generation, conditions=old.conditions)
+        status = LoRAJobStatus(revision=generation, conditions=old.conditions,
+                               last_succeeded_adapter=old.last_succeeded_adapter)
         trained, changes = spec, []
         if progress is not None:
             progress_patch["progress"] = None
@@ -180,7 +195,8 @@ def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRu
         step = advance(RunInput(
             body=body, status=status, revision=status.revision, spec=effective,
             suspend=raw_spec.get("suspend") is True, observed=observed, settings=settings, now=now,
-            last_checkpoint=str(progress["lastCheckpoint"]) if progress and progress.get("lastCheckpoint") else None))
+            last_checkpoint=str(progress["lastCheckpoint"]) if progress and progress.get("lastCheckpoint") else None,
+            published=published_adapter(progress)))
     outcome = step.outcome
     new = status.model_copy(update={
         **step.updates, "phase": outcome.phase, "observed_generation": generation, "message": outcome.message,

@@ -1,4 +1,4 @@
-"""What a reconcile asks the handlers to do: create or delete a child. Plain data, so tests can compare."""
+"""What a reconcile asks the handlers to do: create, delete, suspend or resume a child. Plain data."""
 
 from __future__ import annotations
 
@@ -38,4 +38,16 @@ class Delete:
         return f"delete {self.kind}/{self.name}"
 
 
-Action = Create | Delete
+@dataclass(frozen=True)
+class Suspend:
+    """Set ``spec.suspend`` of a Job: the Job controller stops (true) or starts (false) its pods."""
+
+    name: str
+    suspend: bool
+    kind: str = "Job"
+
+    def __str__(self) -> str:
+        return f"{'suspend' if self.suspend else 'resume'} Job/{self.name}"
+
+
+Action = Create | Delete | Suspend

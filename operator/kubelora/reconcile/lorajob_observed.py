@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubelora.api.runtime import TrainerResult
+from kubelora.api.runtime import EXIT_BAD_INPUT, EXIT_STOPPED, TrainerResult
 from kubelora.resources.lorajob_names import (
     CONTAINER_NAME,
     JOB_NAME_LABEL,
@@ -22,10 +22,11 @@ from kubelora.resources.lorajob_names import (
     TRAINER_COMPONENT,
     revision_of,
 )
-from kubelora.resources.pods import COMPONENT
+from kubelora.resources.pods import COMPONENT, QUEUE_LABEL
 
-EXIT_BAD_INPUT = 2
-"""Trainer exit code for bad input (dataset, spec, base model): retrying cannot help."""
+STALLED_WAITING_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                     "CreateContainerConfigError", "CreateContainerError"})
+"""Container waiting reasons that need the user (image name, pull secret, a missing Secret or ConfigMap)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class JobState:
     """Reason of the Job's Failed condition (BackoffLimitExceeded, DeadlineExceeded), None if not failed."""
     failed_message: str = ""
     completion_time: str | None = None
+    owner_uid: str = ""
+    """uid of the Job's controller owner: children of an earlier LoRAJob of the same name do not count."""
+    suspended: bool = False
+    """``spec.suspend`` of the Job: set by the operator (suspend) or held by Kueue (queued)."""
+    queued: bool = False
+    """The Job carries Kueue's queue-name label."""
 
     @property
     def finished(self) -> bool:
@@ -74,8 +81,8 @@ Signal = tuple[object, ...]
 def job_signal(job: JobState | None) -> Signal:
     """Finished, failed (and how often), or going away. A new Job, or one that got a pod, changes nothing."""
     if job is None:
-        return (False, None, False, 0)
-    return (job.complete, job.failed_reason, job.deleting, job.failed)
+        return (False, None, False, 0, False)
+    return (job.complete, job.failed_reason, job.deleting, job.failed, job.suspended)
 
 
 @dataclass(frozen=True)
@@ -88,18 +95,32 @@ class PodState:
     created: str = ""
     deleting: bool = False
     termination: Termination | None = None
+    owner_uid: str = ""
+    """uid of the pod's controller (its Job)."""
+    blocker: Blocker | None = None
+    """Why a Pending pod does not start (scheduler, image pull), as the cluster says it."""
 
     @property
     def done(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
 
 
+@dataclass(frozen=True)
+class Blocker:
+    """What keeps a pod from running: ``reason`` as Kubernetes names it, ``message`` as it words it."""
+
+    reason: str
+    message: str
+    stalled: bool
+    """True when only the user can clear it (bad image, missing Secret); False when the cluster may (scheduling)."""
+
+
 def pod_signal(pod: PodState | None) -> Signal:
-    """Running, finished (with its termination) or going away; a new Pending pod changes nothing."""
+    """Running, finished (with its termination), blocked or going away; a new Pending pod changes nothing."""
     if pod is None:
-        return ("Pending", None, False)
+        return ("Pending", None, False, None)
     return (pod.phase if pod.phase in ("Running", "Succeeded", "Failed") else "Pending", pod.termination,
-            pod.deleting)
+            pod.deleting, pod.blocker)
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,16 @@ class Observed:
 
     jobs: tuple[JobState, ...] = ()
     pods: tuple[PodState, ...] = ()
+
+    def owned_by(self, uid: str) -> Observed:
+        """Only the children of the LoRAJob with this uid: Jobs it controls, and the pods of those Jobs.
+
+        A LoRAJob deleted and re-created under the same name has a new uid; the old one's children
+        may live on while the garbage collector removes them, and must never count as this one's.
+        """
+        jobs = tuple(j for j in self.jobs if j.owner_uid == uid)
+        uids = {j.uid for j in jobs}
+        return Observed(jobs=jobs, pods=tuple(p for p in self.pods if p.owner_uid in uids))
 
     def job(self, name: str | None) -> JobState | None:
         return next((j for j in self.jobs if j.name == name), None) if name else None
@@ -130,6 +161,14 @@ def _labels(body: Mapping[str, Any]) -> Mapping[str, str]:
     return body.get("metadata", {}).get("labels") or {}
 
 
+def controller_uid(body: Mapping[str, Any]) -> str:
+    """uid of the object's controller ownerReference ('' if none)."""
+    for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return str(ref.get("uid") or "")
+    return ""
+
+
 def job_state(body: Mapping[str, Any]) -> JobState:
     """Summarise a batch/v1 Job (conditions Complete/Failed as set by the Job controller)."""
     meta = body.get("metadata", {})
@@ -150,7 +189,8 @@ def job_state(body: Mapping[str, Any]) -> JobState:
         deleting=bool(meta.get("deletionTimestamp")), active=int(status.get("active") or 0),
         succeeded=int(status.get("succeeded") or 0), failed=int(status.get("failed") or 0),
         complete=complete, failed_reason=failed_reason, failed_message=failed_message,
-        completion_time=status.get("completionTime"),
+        completion_time=status.get("completionTime"), owner_uid=controller_uid(body),
+        suspended=(body.get("spec") or {}).get("suspend") is True, queued=QUEUE_LABEL in labels,
     )
 
 
@@ -164,6 +204,20 @@ def _termination(status: Mapping[str, Any]) -> Termination | None:
     return None
 
 
+def pod_blocker(status: Mapping[str, Any]) -> Blocker | None:
+    """The scheduler's Unschedulable verdict, or a container stuck waiting on something only the user can fix."""
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason"):
+            return Blocker(str(cond["reason"]), str(cond.get("message") or ""), stalled=False)
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STALLED_WAITING_REASONS:
+            return Blocker(str(waiting["reason"]), str(waiting.get("message") or ""), stalled=True)
+    return None
+
+
 def pod_state(body: Mapping[str, Any]) -> PodState:
     meta = body.get("metadata", {})
     status = body.get("status") or {}
@@ -172,7 +226,7 @@ def pod_state(body: Mapping[str, Any]) -> PodState:
         name=meta.get("name", ""), job_name=labels.get(JOB_NAME_LABEL, ""), component=labels.get(COMPONENT, ""),
         revision=revision_of(labels), phase=status.get("phase") or "Pending",
         created=meta.get("creationTimestamp") or "", deleting=bool(meta.get("deletionTimestamp")),
-        termination=_termination(status),
+        termination=_termination(status), owner_uid=controller_uid(body), blocker=pod_blocker(status),
     )
 
 
@@ -200,6 +254,23 @@ def observe(jobs: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]
     return Observed(jobs=tuple(job_state(j) for j in jobs), pods=tuple(pod_state(p) for p in pods))
 
 
-__all__ = ["EXIT_BAD_INPUT", "PREFLIGHT_COMPONENT", "TRAINER_COMPONENT", "JobState", "Observed", "PodState",
-           "Signal", "Termination", "job_signal", "job_state", "observe", "parse_trainer_result", "pod_signal",
-           "pod_state"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_STOPPED",
+    "PREFLIGHT_COMPONENT",
+    "TRAINER_COMPONENT",
+    "Blocker",
+    "JobState",
+    "Observed",
+    "PodState",
+    "Signal",
+    "Termination",
+    "controller_uid",
+    "job_signal",
+    "job_state",
+    "observe",
+    "parse_trainer_result",
+    "pod_blocker",
+    "pod_signal",
+    "pod_state",
+]

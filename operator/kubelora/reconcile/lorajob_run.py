@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus
+from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec, LoRAJobStatus
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import TrainerResult
-from kubelora.reconcile.lorajob_actions import Action, Create, Delete
-from kubelora.reconcile.lorajob_observed import EXIT_BAD_INPUT, JobState, Observed, PodState
+from kubelora.reconcile.lorajob_actions import Action, Create, Delete, Suspend
+from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState
 from kubelora.reconcile.lorajob_status import (
     PREFLIGHT_REASONS,
     VALIDATION_PASSED_MESSAGE,
@@ -48,6 +48,8 @@ class RunInput:
     settings: Settings
     now: str
     last_checkpoint: str | None = None
+    published: AdapterInfo | None = None
+    """``status.progress.adapter``: what the trainer reported publishing, should its pod be gone."""
 
 
 @dataclass
@@ -125,15 +127,23 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
     if job.complete:
         pod = _last(pods, "Succeeded")
         result = _result(pod)
-        if result is not None and result.ok and result.adapter is not None:
-            updates["adapter"] = result.adapter
-            message = f"adapter published at {result.adapter.uri} ({result.adapter.digest})"
+        adapter = result.adapter if result is not None and result.ok and result.adapter is not None else run.published
+        if adapter is not None:
+            updates["adapter"] = adapter
+            updates["last_succeeded_adapter"] = adapter
+            message = f"adapter published at {adapter.uri} ({adapter.digest})"
             return RunStep(Outcome(JobPhase.SUCCEEDED, Reason.COMPLETED, message, verdict), updates)
         detail = _detail(pod, result) or "the trainer reported no result"
         message = clip(f"training Job {job.name} completed without a published adapter: {detail}")
         return RunStep(Outcome(JobPhase.FAILED, Reason.TRAINING_FAILED, message, verdict), updates)
     pod = _last(pods, "Failed")
     detail = _detail(pod, _result(pod)) or job.failed_message
+    if job.failed_reason == "PodFailurePolicy":
+        # The trainer exited 2: bad input, which no retry fixes; the Job controller failed the Job at once.
+        result = _result(pod)
+        prefix = f"{result.reason}: " if result is not None and result.reason else ""
+        message = clip(f"{prefix}{detail}" if detail else "the trainer reported bad input")
+        return RunStep(Outcome(JobPhase.FAILED, Reason.TRAINING_FAILED, message, verdict), updates)
     if job.failed_reason == "DeadlineExceeded":
         limit = run.spec.active_deadline_seconds if run.spec else None
         message = f"activeDeadlineSeconds ({limit}) elapsed" if limit else "activeDeadlineSeconds elapsed"
@@ -159,20 +169,27 @@ def _running(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
     attempts = _attempts(run, job, pods)
     updates: dict[str, Any] = {"job_name": job.name, "attempts": attempts,
                                "start_time": run.status.start_time or run.now}
-    bad = next((p for p in pods if p.termination and p.termination.exit_code == EXIT_BAD_INPUT), None)
-    if bad is not None:
-        # Exit code 2 is bad input: further retries would fail the same way, so stop the Job now.
-        result = _result(bad)
-        prefix = f"{result.reason}: " if result is not None and result.reason else ""
-        message = clip(f"{prefix}{_detail(bad, result)}")
-        updates["completion_time"] = run.now
-        return RunStep(Outcome(JobPhase.FAILED, Reason.TRAINING_FAILED, message, verdict), updates,
-                       [Delete("batch/v1", "Job", job.name)])
+    if job.suspended and not run.suspend:
+        if job.queued:
+            queue = run.spec.queue_name if run.spec and run.spec.queue_name else "its LocalQueue"
+            message = f"training Job {job.name} waits in Kueue queue {queue} until its ClusterQueue has quota"
+            return RunStep(Outcome(JobPhase.QUEUED, Reason.QUEUED, message, verdict), updates)
+        message = f"resuming training Job {job.name}; the new pod resumes from the newest checkpoint"
+        return RunStep(Outcome(JobPhase.RUNNING, Reason.JOB_CREATED, message, verdict), updates,
+                       [Suspend(job.name, False)])
     limit = (run.spec.backoff_limit + 1) if run.spec else None
     of = f" of {limit}" if limit else ""
     if any(p.phase == "Running" for p in pods):
         message = f"training (attempt {attempts}{of})"
         return RunStep(Outcome(JobPhase.RUNNING, Reason.TRAINING, message, verdict), updates)
+    blocked = next((p for p in reversed(pods) if p.blocker is not None and not p.done and not p.deleting), None)
+    if blocked is not None and blocked.blocker is not None:
+        b = blocked.blocker
+        fix = ("; fix spec.image, its pull secret or the Secret/ConfigMap it names" if b.stalled
+               else "; free capacity or change spec.resources")
+        message = clip(f"pod {blocked.name} cannot start: {b.reason}: {b.message}{fix}")
+        reason = Reason.POD_BLOCKED if b.stalled else Reason.UNSCHEDULABLE
+        return RunStep(Outcome(JobPhase.RUNNING, reason, message, verdict, stalled=b.stalled), updates)
     if attempts > 1:
         message = f"retrying (attempt {attempts}{of}); the new pod resumes from the newest checkpoint"
     else:
@@ -214,8 +231,14 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
 
 
 def _suspend(run: RunInput, verdict: Verdict) -> RunStep:
+    """Suspend the Job (its controller stops the pod, which saves a checkpoint on SIGTERM).
+
+    A Job queued in Kueue is deleted instead: its ``spec.suspend`` is Kueue's to set, and a new
+    Job queues again on resume.
+    """
     live = [j for j in run.observed.training_jobs(run.revision) if j.live]
-    actions: list[Action] = [Delete("batch/v1", "Job", j.name) for j in live]
+    actions: list[Action] = [Delete("batch/v1", "Job", j.name) if j.queued else Suspend(j.name, True)
+                             for j in live if j.queued or not j.suspended]
     checkpoint = f" (last checkpoint: {run.last_checkpoint})" if run.last_checkpoint else ""
     message = f"suspended; checkpoints are kept{checkpoint}. Set spec.suspend to false to resume"
     return RunStep(Outcome(JobPhase.SUSPENDED, Reason.SUSPENDED, message, verdict), actions=actions)
@@ -246,6 +269,8 @@ def advance(run: RunInput) -> RunStep:
         step = _finished(run, job, verdict)
     elif run.suspend:
         step = _suspend(run, verdict)
+        if job is not None and job.live and not job.queued:
+            step.updates = {"job_name": job.name}
     elif job is not None and job.live:
         step = _running(run, job, verdict)
     elif run.status.job_name is not None and run.status.phase == JobPhase.RUNNING:

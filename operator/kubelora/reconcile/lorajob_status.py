@@ -47,6 +47,8 @@ class Outcome:
     reason: Reason
     message: str
     validated: Verdict
+    stalled: bool = False
+    """Not finished, but stuck until the user acts (a pod that cannot pull its image)."""
 
 
 @dataclass(frozen=True)
@@ -57,30 +59,67 @@ class Drift:
     message: str
 
 
+WORKING = (JobPhase.PENDING, JobPhase.VALIDATING, JobPhase.QUEUED, JobPhase.RUNNING)
+Row = tuple[ConditionType, CondStatus, str, str]
+
+
 def conditions(old: list[Condition], outcome: Outcome, drift: Drift | None, generation: int,
                now: str) -> list[Condition]:
-    """Validated, Running, Succeeded and Ready for ``outcome``; times kept where the status did not change."""
+    """Every condition for ``outcome``; times kept where a condition's status did not change.
+
+    Ready/Reconciling/Stalled follow the contract in :mod:`kubelora.api.reasons` (what kstatus and
+    the Argo CD health check read); Validated/Running/Succeeded say which step the run is in.
+    """
     phase = outcome.phase
     running: CondStatus = "True" if phase == JobPhase.RUNNING else "False"
     succeeded: CondStatus = ("True" if phase == JobPhase.SUCCEEDED
                              else "False" if phase == JobPhase.FAILED else "Unknown")
     ready: CondStatus = "True" if phase == JobPhase.SUCCEEDED else "False"
+    stalled = phase == JobPhase.FAILED or outcome.stalled
     verdict = outcome.validated
-    rows: list[tuple[ConditionType, CondStatus, str, str]] = [
+    rows: list[Row] = [
         (ConditionType.VALIDATED, verdict.status, verdict.reason, verdict.message),
         (ConditionType.RUNNING, running, outcome.reason, outcome.message),
         (ConditionType.SUCCEEDED, succeeded, outcome.reason, outcome.message),
         (ConditionType.READY, ready, outcome.reason, outcome.message),
+        (ConditionType.RECONCILING, _flag(phase in WORKING and not stalled), outcome.reason, outcome.message),
+        (ConditionType.STALLED, _flag(stalled), outcome.reason, outcome.message),
     ]
     if drift is not None:
         rows[0] = (ConditionType.VALIDATED, "False", drift.reason, drift.message)
         if drift.reason == Reason.INVALID_SPEC:
+            # The run goes on with the spec it started with, but this generation will never be applied.
             rows[3] = (ConditionType.READY, "False", drift.reason, drift.message)
+            rows[4] = (ConditionType.RECONCILING, "False", drift.reason, drift.message)
+            rows[5] = (ConditionType.STALLED, "True", drift.reason, drift.message)
+    return _upsert(old, rows, generation, now)
+
+
+def _flag(value: bool) -> CondStatus:
+    return "True" if value else "False"
+
+
+def _upsert(old: list[Condition], rows: list[Row], generation: int, now: str) -> list[Condition]:
     out = list(old)
     for ctype, cstatus, reason, message in rows:
         out = upsert_condition(out, Condition(type=ctype, status=cstatus, reason=reason, message=message,
                                               observed_generation=generation, last_transition_time=now))
     return out
+
+
+def blocked_status(raw: Mapping[str, Any] | None, reason: Reason, message: str, now: str) -> dict[str, Any]:
+    """The stored status with Stalled=True and Ready/Reconciling=False: the operator cannot act on the spec.
+
+    Everything else stays as it was, ``observedGeneration`` included (the generation is not applied),
+    since the action that failed never happened.
+    """
+    old = parse_status(raw)
+    generation = old.observed_generation or 1
+    rows: list[Row] = [(ConditionType.READY, "False", reason, message),
+                       (ConditionType.RECONCILING, "False", reason, message),
+                       (ConditionType.STALLED, "True", reason, message)]
+    wire = old.model_copy(update={"message": message, "conditions": _upsert(old.conditions, rows, generation, now)})
+    return wire.wire()
 
 
 def condition(status: LoRAJobStatus, ctype: ConditionType) -> Condition | None:

@@ -10,7 +10,14 @@ it from the virtualenv) and read the same immutable run config. They differ in w
   from the newest checkpoint because the output layout is keyed by revision, not by pod.
 
 Both use ``FallbackToLogsOnError`` so a trainer that dies before writing its TrainerResult still
-leaves its last log lines in the pod status for the operator to report.
+leaves its last log lines in the pod status for the operator to report, and the same Job failure
+policy (:func:`pod_failure_policy`): bad input fails the Job at once, a disruption (eviction,
+preemption, node drain) or a graceful stop with a checkpoint saved is not a failure, and a
+replacement pod starts only once the old one has fully stopped (``podReplacementPolicy: Failed``),
+so two trainers never write the same checkpoint directory.
+
+With ``spec.queueName`` the training Job carries Kueue's queue label and is created suspended:
+Kueue unsuspends it when its ClusterQueue has quota.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any
 
 from kubelora.api.common import Resources
 from kubelora.api.lorajob import LoRAJobSpec
-from kubelora.api.runtime import TRAINER_CONFIG_PATH
+from kubelora.api.runtime import EXIT_BAD_INPUT, EXIT_STOPPED, TRAINER_CONFIG_PATH
 from kubelora.api.uris import FileURI, PvcURI, parse_uri
 from kubelora.resources.lorajob_names import (
     CONTAINER_NAME,
@@ -36,6 +43,7 @@ from kubelora.resources.lorajob_names import (
 from kubelora.resources.pods import (
     MANAGED_BY,
     PART_OF,
+    QUEUE_LABEL,
     Manifest,
     container_resources,
     container_security_context,
@@ -57,6 +65,19 @@ CONFIG_VOLUME = "trainer-config"
 CONFIG_DIR = TRAINER_CONFIG_PATH.rsplit("/", 1)[0]
 PREFLIGHT_REQUESTS = {"cpu": "500m", "memory": "1Gi"}
 PREFLIGHT_LIMITS = {"memory": "4Gi"}
+
+
+def pod_failure_policy() -> Manifest:
+    """Exit 2 (bad input) fails the Job now; disruptions and graceful stops (exit 143) do not count."""
+    return {
+        "rules": [
+            {"action": "FailJob",
+             "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_BAD_INPUT]}},
+            {"action": "Ignore",
+             "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [EXIT_STOPPED]}},
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def trainer_image(spec: LoRAJobSpec, settings: Settings) -> str:
@@ -136,17 +157,23 @@ def _pod_template(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, set
 
 
 def _job(body: Mapping[str, Any], job_name: str, component: str, revision: int, template: Manifest, *,
-         backoff_limit: int, deadline: int) -> Manifest:
+         backoff_limit: int, deadline: int, queue: str | None = None, suspend: bool = False) -> Manifest:
     name = body["metadata"]["name"]
+    labels = child_labels(name, component, revision)
+    if queue:
+        labels[QUEUE_LABEL] = queue
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": object_meta(job_name, body, child_labels(name, component, revision)),
+        "metadata": object_meta(job_name, body, labels),
         "spec": {
             "backoffLimit": backoff_limit,
             "activeDeadlineSeconds": deadline,
             "completions": 1,
             "parallelism": 1,
+            "suspend": bool(queue) or suspend,
+            "podFailurePolicy": pod_failure_policy(),
+            "podReplacementPolicy": "Failed",
             "template": template,
         },
     }
@@ -160,7 +187,8 @@ def training_job(body: Mapping[str, Any], spec: LoRAJobSpec, revision: int, gene
                              command=list(TRAIN_COMMAND), resources=spec.resources, base_requests={},
                              service_account=trainer_identity_name(name))
     return _job(body, training_job_name(name, generation), TRAINER_COMPONENT, revision, template,
-                backoff_limit=spec.backoff_limit, deadline=spec.active_deadline_seconds)
+                backoff_limit=spec.backoff_limit, deadline=spec.active_deadline_seconds, queue=spec.queue_name,
+                suspend=spec.suspend)
 
 
 def validation_job(body: Mapping[str, Any], spec: LoRAJobSpec, revision: int, settings: Settings) -> Manifest:

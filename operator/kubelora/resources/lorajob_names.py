@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 
-from kubelora.resources.pods import COMPONENT, INSTANCE, LORAJOB_LABEL
+from kubelora.resources.pods import COMPONENT, LORAJOB_LABEL
 
 LABEL_LIMIT = 63
 REVISION_LABEL = "kubelora.io/revision"
@@ -62,7 +62,9 @@ def training_job_name(job: str, generation: int) -> str:
 
 def child_labels(job: str, component: str, revision: int | None = None) -> dict[str, str]:
     """Labels that let the operator's label-selected watches find the child and its LoRAJob."""
-    labels = {LORAJOB_LABEL: label_value(job), INSTANCE: label_value(job), COMPONENT: component}
+    # kubelora.io/lorajob is the instance label: app.kubernetes.io/instance is Argo CD's tracking label,
+    # and a child carrying it would look like a resource of another Argo CD Application (and be pruned).
+    labels = {LORAJOB_LABEL: label_value(job), COMPONENT: component}
     if revision is not None:
         labels[REVISION_LABEL] = str(revision)
     return labels

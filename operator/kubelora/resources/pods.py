@@ -16,6 +16,8 @@ COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 LORAJOB_LABEL = "kubelora.io/lorajob"
 DEPLOYMENT_LABEL = "kubelora.io/adapterdeployment"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue's label: a Job carrying it is admitted (unsuspended) by Kueue when its LocalQueue has quota."""
 
 
 def owner_reference(body: Mapping[str, Any]) -> Manifest:
