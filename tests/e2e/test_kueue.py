@@ -1,6 +1,6 @@
 """Kueue v0.17.0, the queue platform teams put in front of GPU Jobs, runs against the local cluster:
-with one GPU of ClusterQueue quota a second GPU Job waits suspended until the first finishes, and
-Kueue's webhook suspends a queued Job at create time."""
+with one GPU of ClusterQueue quota a second GPU Job (plain, or a LoRAJob's training Job) waits
+suspended until the first finishes, and Kueue's webhook suspends a queued Job at create time."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from kubelora_local import kueue as local_kueue
 from kubelora_local.kube import KubeError
 
 from .conftest import SESSION_GPUS, LocalCluster
+from .operator_fixture import OperatorProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -212,3 +213,32 @@ def test_kueue_webhook_suspends_a_queued_job_at_create(cluster: LocalCluster, na
     assert created["spec"]["suspend"] is True  # Kueue's mutating webhook, before the Job controller saw it
     cluster.wait_for(lambda: j.admitted("unsuspended"), timeout=30, what="Kueue to admit it")
     cluster.wait_for(lambda: _true(j.job("unsuspended"), "Complete"), timeout=30, what="the admitted Job to complete")
+
+
+def test_second_lorajob_waits_queued_until_the_first_finishes(
+    cluster: LocalCluster, namespace: str, queue: str, operator: OperatorProcess
+) -> None:
+    """Two 1-GPU LoRAJobs naming the LocalQueue: the second shows Queued while Kueue holds it, then runs."""
+    from .test_lorajob import make_env, spec
+
+    env = make_env(cluster, namespace, operator)
+    gpu_run = {"resources": {"gpus": 1, "requests": {"cpu": "100m", "memory": "64Mi"}}, "queueName": queue}
+    env.create("first", spec("first", max_steps=60, **gpu_run))
+    env.wait_phase("first", "Running", timeout=120)
+    env.create("second", spec("second", max_steps=5, **gpu_run))
+    queued = env.wait_phase("second", "Queued", timeout=120)
+    assert queue in queued["message"]
+    assert env.status("first")["phase"] == "Running", "the first finished before the second was seen queued"
+    [job] = env.children("jobs", "second", "trainer")
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][QUEUE_LABEL] == queue
+
+    first = env.wait_phase("first", "Succeeded", "Failed")
+    assert first["phase"] == "Succeeded", first.get("message")
+    second = env.wait_phase("second", "Succeeded", "Failed")
+    assert second["phase"] == "Succeeded", second.get("message")
+    j = Jobs(cluster, namespace)
+    first_wl, second_wl = j.workload("first-train-1"), j.workload("second-train-1")
+    assert first_wl is not None and second_wl is not None
+    assert _condition(second_wl, "Admitted")["lastTransitionTime"] >= _condition(first_wl, "Finished")[
+        "lastTransitionTime"
+    ]

@@ -110,13 +110,17 @@ class Env:
         return self.cluster.logs(self.ns, pod["metadata"]["name"], "trainer")
 
 
-@pytest.fixture
-def env(cluster: LocalCluster, namespace: str, operator: OperatorProcess) -> Iterator[Env]:
+def make_env(cluster: LocalCluster, namespace: str, operator: OperatorProcess) -> Env:
     """A namespace with the tiny model on PVC ``models``, a chat dataset on PVC ``data`` and PVC ``adapters``."""
     build_tiny_model(cluster.pvc_dir(namespace, "models") / "tiny")
     write_chat_dataset(cluster.pvc_dir(namespace, "data") / "chat.jsonl", n=64)
     cluster.pvc_dir(namespace, "adapters")
-    yield Env(cluster, namespace, operator)
+    return Env(cluster, namespace, operator)
+
+
+@pytest.fixture
+def env(cluster: LocalCluster, namespace: str, operator: OperatorProcess) -> Iterator[Env]:
+    yield make_env(cluster, namespace, operator)
 
 
 def adapter_dir(env: Env, status: Obj) -> Path:
@@ -283,11 +287,15 @@ def test_suspend_keeps_checkpoints_and_resume_continues(env: Env) -> None:
     env.cluster.wait_for(checkpointed, RUN_TIMEOUT, "a checkpoint while training")
     env.cluster.kube.merge_patch(env.path("pause"), {"spec": {"suspend": True}})
     status = env.wait_phase("pause", "Suspended", timeout=60)
-    env.cluster.wait_for(lambda: not env.children("jobs", "pause", "trainer"), 60, "the training Job to go")
+    env.cluster.wait_for(lambda: not env.children("pods", "pause", "trainer"), 60, "the Job controller to stop the pod")
+    [job] = env.children("jobs", "pause", "trainer")
+    assert job["spec"]["suspend"] is True, "suspend is the Job's own spec.suspend: the Job and its history stay"
     assert "checkpoint" in status["message"]
     env.cluster.kube.merge_patch(env.path("pause"), {"spec": {"suspend": False}})
     status = env.wait_phase("pause", "Succeeded", "Failed")
     assert status["phase"] == "Succeeded", status.get("message")
-    assert status["jobName"] == "pause-train-3"
+    assert status["jobName"] == "pause-train-1", "the same Job resumed"
+    [job] = env.children("jobs", "pause", "trainer")
+    assert not job["status"].get("failed"), "a graceful stop (exit 143) is not a failed attempt"
     [pod] = env.children("pods", "pause", "trainer")
     assert "resuming from" in env.pod_log(pod)

@@ -62,7 +62,7 @@ def test_pods_count_only_through_their_owning_job() -> None:
         pytest.param("running", ("False", "True", "False"), id="training"),
         pytest.param("succeeded", ("True", "False", "False"), id="succeeded"),
         pytest.param("failed", ("False", "False", "True"), id="failed"),
-        pytest.param("suspended", ("False", "False", "False"), id="suspended"),
+        pytest.param("suspended", ("True", "False", "False"), id="suspended"),
         pytest.param("bad-spec", ("False", "False", "True"), id="bad-spec"),
     ],
 )

@@ -119,6 +119,10 @@ class PodWorker(threading.Thread):
             self._wake.clear()
         self._stop_all()
         if self._deleting and not self._shutdown:
+            # As the kubelet does since v1.27: a deleted pod reaches a terminal phase, with its containers'
+            # exit codes, before it goes. The Job controller needs it for podFailurePolicy and for
+            # podReplacementPolicy: Failed (the replacement starts only once this pod is terminal).
+            self._report(final=True)
             self._delete_now()
 
     def _step(self) -> None:
@@ -271,9 +275,14 @@ class PodWorker(threading.Thread):
         self.conditions[kind] = cond
         return cond
 
-    def _report(self) -> bool:
-        """Patch the pod status if it changed; True when the server has the current status."""
+    def _report(self, final: bool = False) -> bool:
+        """Patch the pod status if it changed; True when the server has the current status.
+
+        ``final``: the pod was deleted and its processes stopped; it ends Failed unless all containers succeeded.
+        """
         phase = self._compute_phase()
+        if final and not _terminal(phase):
+            phase = "Failed"
         if _terminal(phase):
             for c in self.containers:
                 c.ready = False
@@ -287,6 +296,10 @@ class PodWorker(threading.Thread):
             self._condition("ContainersReady", ready, not_ready),
             self._condition("PodScheduled", True),
         ]
+        # Conditions others set (DisruptionTarget from the eviction API or the scheduler) are kept: a merge
+        # patch replaces the whole list.
+        ours = {c["type"] for c in conditions}
+        conditions += [c for c in (self.pod.get("status") or {}).get("conditions") or [] if c.get("type") not in ours]
         status: dict[str, Any] = {
             "phase": phase,
             "conditions": conditions,

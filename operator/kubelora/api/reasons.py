@@ -4,7 +4,8 @@ Both kinds carry the three conditions that kstatus (Flux, kpt, cli-utils) and ou
 check read, with the meaning the Kubernetes API conventions give them:
 
 - ``Ready``: True when the object has reached what its spec asks for (a LoRAJob published its
-  adapter; an AdapterDeployment serves every valid adapter on every desired replica).
+  adapter, or is suspended as asked; an AdapterDeployment serves every valid adapter on every
+  desired replica). kstatus reads Ready=False as InProgress.
 - ``Reconciling`` (abnormal-true): True while the operator or the workload is still working towards
   the spec (pre-flight, queued, training, rolling out); False otherwise. kstatus reads InProgress.
 - ``Stalled`` (abnormal-true): True when no progress is possible without the user (bad spec, a

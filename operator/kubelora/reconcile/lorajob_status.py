@@ -74,7 +74,9 @@ def conditions(old: list[Condition], outcome: Outcome, drift: Drift | None, gene
     running: CondStatus = "True" if phase == JobPhase.RUNNING else "False"
     succeeded: CondStatus = ("True" if phase == JobPhase.SUCCEEDED
                              else "False" if phase == JobPhase.FAILED else "Unknown")
-    ready: CondStatus = "True" if phase == JobPhase.SUCCEEDED else "False"
+    # Suspended is where the spec asks the run to be: Ready, so kstatus reads Current (it reads Ready=False
+    # as InProgress) and a GitOps sync waiting on health does not hang on a paused run.
+    ready: CondStatus = "True" if phase in (JobPhase.SUCCEEDED, JobPhase.SUSPENDED) else "False"
     stalled = phase == JobPhase.FAILED or outcome.stalled
     verdict = outcome.validated
     rows: list[Row] = [
