@@ -143,3 +143,24 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KUBELORA_PROGRESS_INTERVAL", "soon")
     assert progress_interval() == 3.0
     assert format_duration(3725) == "1h02m05s" and format_duration(65) == "1m05s" and format_duration(None) == "-"
+
+
+def test_published_adapter_reaches_the_status_before_the_sinks_close() -> None:
+    """The result must outlive the pod: the operator reads status.progress.adapter if the pod is gone."""
+    from kubelora.api.lorajob import AdapterInfo
+
+    closed: list[bool] = []
+
+    class Sink(RecordingSink):
+        def close(self) -> None:
+            closed.append(True)
+
+    sink = Sink()
+    tr = ProgressTracker([sink], interval=0, clock=Clock())
+    tr.start(0, 2)
+    tr.finish()
+    assert not closed, "finish() keeps the sinks open for the publish that follows"
+    info = AdapterInfo(uri="pvc://out/rev-1", digest="sha256:" + "0" * 64, size_bytes=1, rank=8, base_model="m")
+    tr.published(info)
+    tr.close()
+    assert sink.updates[-1].adapter == info and closed == [True]
