@@ -229,16 +229,24 @@ def roll(**kw: Any) -> DeploymentView:
             "Failed",
             ("False", "ReplicasUnavailable"),
             ("False", "ReplicasUnavailable"),
-            ("True", "ReplicasUnavailable"),
+            ("False", "ReplicasUnavailable"),
             id="progress-deadline",
         ),
         pytest.param(
-            observed(invalid="invalid spec: x"),
+            observed(invalid="invalid spec: x", deployment=None, replicas=[]),
             "Failed",
             ("False", "InvalidSpec"),
             ("False", "InvalidSpec"),
             ("False", "InvalidSpec"),
             id="invalid-spec",
+        ),
+        pytest.param(
+            observed(invalid="invalid spec: x", replicas=[]),
+            "Degraded",
+            ("False", "InvalidSpec"),
+            ("False", "InvalidSpec"),
+            ("True", "InvalidSpec"),
+            id="invalid-edit-old-pods-serve",
         ),
         pytest.param(
             observed(
@@ -263,6 +271,10 @@ def test_phase_and_conditions(
         progressing,
         degraded,
     )
+    # The kstatus trio: Reconciling mirrors Progressing; Stalled when neither Ready nor converging.
+    assert conds["Reconciling"] == progressing
+    stalled = "True" if ready[0] == "False" and progressing[0] == "False" else "False"
+    assert conds["Stalled"][0] == stalled
     assert all(c.observed_generation == 4 for c in status.conditions)
     assert status.observed_generation == 4
     assert status.endpoint == "http://s.ml.svc:8000/v1"

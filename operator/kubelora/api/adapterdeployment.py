@@ -136,6 +136,10 @@ class AdapterDeploymentStatus(ApiModel):
     adapters: list[AdapterStatus] = Field(default_factory=list)
     adapters_ready: str = "0/0"
     """Loaded adapters / desired adapters, for the printer column."""
+    message: str = ""
+    """One line: what blocks the spec (Stalled), what is still converging, or empty when Ready."""
+    selector: str = ""
+    """Label selector of the serving pods, as a string: the scale subresource's labelSelectorPath (HPA)."""
 
 
 class AdapterDeployment(ApiModel):

@@ -105,7 +105,7 @@ def _column(name: str, path: str, kind: str = "string", description: str = "", p
 
 
 def crd(kind: str, plural: str, short: str, doc: str, spec: type[BaseModel], status: type[BaseModel],
-        columns: list[Schema]) -> Schema:
+        columns: list[Schema], subresources: Schema | None = None) -> Schema:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -119,12 +119,17 @@ def crd(kind: str, plural: str, short: str, doc: str, spec: type[BaseModel], sta
                 "name": VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, **(subresources or {})},
                 "additionalPrinterColumns": [*columns, _column("Age", ".metadata.creationTimestamp", "date")],
                 "schema": {"openAPIV3Schema": _root_schema(doc, spec, status)},
             }],
         },
     }
+
+
+SCALE = {"specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas",
+         "labelSelectorPath": ".status.selector"}
+"""AdapterDeployment's scale subresource: `kubectl scale`, an HPA or KEDA write spec.replicas through it."""
 
 
 def all_crds() -> dict[str, Schema]:
@@ -147,7 +152,7 @@ def all_crds() -> dict[str, Schema]:
                 _column("Adapters", ".status.adaptersReady", description="loaded/desired adapters"),
                 _column("Replicas", ".status.readyReplicas", "integer", "ready replicas"),
                 _column("Endpoint", ".status.endpoint", priority=1),
-            ]),
+            ], subresources={"scale": SCALE}),
     }
 
 

@@ -93,13 +93,21 @@ class Reason(StrEnum):
     QUEUED = "Queued"
     """Reconciling=True: Kueue holds the training Job until its ClusterQueue has quota."""
     UNSCHEDULABLE = "Unschedulable"
-    """Reconciling=True, Ready=False: the scheduler finds no node for the pod; the message is the scheduler's."""
+    """Ready=False with the scheduler's message: LoRAJob Reconciling=True (it may queue for capacity);
+    AdapterDeployment Reconciling=True at first, Stalled=True once a serving pod has waited longer than a
+    rollout needs to free a GPU (``UNSCHEDULABLE_GRACE_SECONDS`` in reconcile/adapterdeployment_status.py)."""
     POD_BLOCKED = "PodBlocked"
     """Stalled=True: a pod cannot start (image pull, a missing Secret or ConfigMap); the message says which."""
     FORBIDDEN = "Forbidden"
     """Stalled=True: the API server refused the operator a request (RBAC, quota, admission); the message names it."""
     CHILD_REJECTED = "ChildRejected"
     """Stalled=True: the API server rejected a child the operator built (422/400); the message is the server's."""
+    REPLICA_FAILURE = "ReplicaFailure"
+    """AdapterDeployment Stalled=True: the ReplicaSet cannot create pods (quota, admission, Pod Security);
+    the message is the Deployment controller's."""
+    API_RETRYING = "ApiRetrying"
+    """Reconciling=True, Ready=False: a request to the API server failed in a way a retry may fix (5xx,
+    timeout, 429); the operator retries with backoff and keeps the old observedGeneration meanwhile."""
     NAME_CONFLICT = "NameConflict"
     """Stalled=True while an object the operator needs to create exists and belongs to someone else."""
 

@@ -13,13 +13,11 @@ import json
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
-import kopf
-
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
 from kubelora.resources.pods import Manifest
 from kubelora.resources.serving_configmap import adapters_configmap, desired_adapters
-from kubelora.resources.serving_deployment import server_deployment
+from kubelora.resources.serving_deployment import server_deployment, server_pdb
 from kubelora.resources.serving_service import (
     agent_role,
     agent_role_binding,
@@ -46,9 +44,10 @@ def build_children(body: Mapping[str, Any], spec: AdapterDeploymentSpec, resolve
         server_deployment(body, spec, image=image, pull_policy=pull_policy,
                           adapter_uris=[r.claim_uri for r in resolved]),
         server_service(body, spec),
+        server_pdb(body),
     ]
-    for child in children:
-        kopf.adopt(child, owner=body)  # type: ignore[arg-type]
+    # Owned through object_meta's controller reference. Not kopf.adopt: it copies the owner's labels, and
+    # Argo CD's app.kubernetes.io/instance on a child makes Argo CD prune it as an unknown resource.
     return children
 
 

@@ -25,6 +25,7 @@ _PLURALS = {
     "Deployment": "deployments",
     "Role": "roles",
     "RoleBinding": "rolebindings",
+    "PodDisruptionBudget": "poddisruptionbudgets",
 }
 
 

@@ -27,6 +27,8 @@ class DeploymentView:
     """Progressing=True with reason NewReplicaSetAvailable: the current template is fully rolled out."""
     deadline_exceeded: bool = False
     message: str = ""
+    replica_failure: str = ""
+    """Message of the ReplicaFailure=True condition: the ReplicaSet cannot create pods (quota, admission)."""
 
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
@@ -48,7 +50,46 @@ def deployment_view(body: Mapping[str, Any]) -> DeploymentView:
         rollout_complete=progressing.get("reason") == "NewReplicaSetAvailable",
         deadline_exceeded=progressing.get("reason") == "ProgressDeadlineExceeded",
         message=str(progressing.get("message") or ""),
+        replica_failure=_replica_failure(status),
     )
+
+
+def _replica_failure(status: Mapping[str, Any]) -> str:
+    cond = _condition(status, "ReplicaFailure")
+    if cond.get("status") != "True":
+        return ""
+    return str(cond.get("message") or cond.get("reason") or "the ReplicaSet cannot create pods")
+
+
+STALLED_WAITING_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                     "CreateContainerConfigError", "CreateContainerError"})
+"""Container waiting reasons that need the user (image name, pull secret, a missing Secret or ConfigMap)."""
+
+
+@dataclass(frozen=True)
+class PodBlocker:
+    """Why a serving pod cannot start: the scheduler's verdict or a container stuck waiting."""
+
+    reason: str
+    message: str
+    stalled: bool
+    """True at once (image pull, missing Secret); False for Unschedulable, which gets a grace period."""
+    since: str = ""
+    """lastTransitionTime of the PodScheduled=False condition (Unschedulable only)."""
+
+
+def pod_blocker(status: Mapping[str, Any]) -> PodBlocker | None:
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    scheduled = _condition(status, "PodScheduled")
+    if scheduled.get("status") == "False" and scheduled.get("reason"):
+        return PodBlocker(str(scheduled["reason"]), str(scheduled.get("message") or ""), stalled=False,
+                          since=str(scheduled.get("lastTransitionTime") or ""))
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STALLED_WAITING_REASONS:
+            return PodBlocker(str(waiting["reason"]), str(waiting.get("message") or ""), stalled=True)
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,7 @@ class PodView:
     ready: bool
     terminating: bool
     restarts: int = 0
+    blocker: PodBlocker | None = None
 
     @property
     def pollable(self) -> bool:
@@ -82,6 +124,7 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         ready=ready,
         terminating=bool(meta.get("deletionTimestamp")),
         restarts=restarts,
+        blocker=pod_blocker(status),
     )
 
 

@@ -12,6 +12,8 @@ Manifest = dict[str, Any]
 APP_LABEL = "app.kubernetes.io/name"
 PART_OF = "app.kubernetes.io/part-of"
 MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "kubelora-operator"
+"""The managed-by value on every child, pods included: the operator's Pod watch selects on it."""
 COMPONENT = "app.kubernetes.io/component"
 INSTANCE = "app.kubernetes.io/instance"
 LORAJOB_LABEL = "kubelora.io/lorajob"
@@ -37,7 +39,7 @@ def object_meta(name: str, body: Mapping[str, Any], labels: Mapping[str, str]) -
     return {
         "name": name,
         "namespace": body["metadata"]["namespace"],
-        "labels": {PART_OF: "kubelora", MANAGED_BY: "kubelora-operator", **labels},
+        "labels": {PART_OF: "kubelora", MANAGED_BY: MANAGER, **labels},
         "ownerReferences": [owner_reference(body)],
     }
 

@@ -6,6 +6,13 @@ through the ConfigMap the agent watches, so adding, removing or rolling an adapt
 the template and never restarts a pod. The template hash annotation makes that property visible and
 testable. The one exception is a ``pvc://`` adapter on a claim no pod mounts yet: a running pod cannot
 gain a volume, so the new claim is a template input.
+
+Replicas: ``spec.replicas`` of the Deployment always follows ``spec.replicas`` of the AdapterDeployment,
+whose scale subresource is what an HPA or KEDA writes. The autoscaler targets the AdapterDeployment, never
+the Deployment, so the operator stays the Deployment's only writer of replicas and server-side apply has
+nothing to fight over. GPU pods roll with maxSurge 0 / maxUnavailable 1 (a rollout needs no spare GPU);
+CPU pods with maxSurge 1 / maxUnavailable 0 (no gap). A PodDisruptionBudget (maxUnavailable 1) keeps a
+node drain from taking more than one replica at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from kubelora.resources.serving_common import (
     TEMPLATE_HASH_ANNOTATION,
     agent_account_name,
     configmap_name,
+    pdb_name,
     selector_labels,
     server_labels,
 )
@@ -178,9 +186,28 @@ def server_deployment(body: Mapping[str, Any], spec: AdapterDeploymentSpec, *, i
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
+            "strategy": rollout_strategy(spec),
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": 1800 if spec.engine == "vllm" else 600,
             "template": template,
         },
     }
 
+
+
+def rollout_strategy(spec: AdapterDeploymentSpec) -> Manifest:
+    """GPU: replace in place (no spare GPU needed); CPU: surge one pod first (no gap in serving)."""
+    gpu = spec.engine == "vllm" and spec.resources.gpus > 0
+    surge, unavailable = (0, 1) if gpu else (1, 0)
+    return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
+
+
+def server_pdb(body: Mapping[str, Any]) -> Manifest:
+    """At most one serving pod voluntarily disrupted (drain, eviction) at a time."""
+    name = body["metadata"]["name"]
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": object_meta(pdb_name(name), body, server_labels(name)),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
+    }
