@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kubelora_local import build
 from kubelora_local.tinymodel import build_tiny_model, write_chat_dataset
 
 from .conftest import LocalCluster
@@ -263,6 +266,8 @@ def test_serves_lorajob_and_uri_adapters_and_changes_them_without_restarts(env: 
     assert status["endpoint"] == f"http://chat.{env.ns}.svc:8000/v1"
     assert {c["type"]: c["status"] for c in status["conditions"]} == {
         "Ready": "True",
+        "Reconciling": "False",
+        "Stalled": "False",
         "Progressing": "False",
         "Degraded": "False",
     }
@@ -460,3 +465,102 @@ def test_unservable_spec_fails_without_pods(env: Env, spec: Obj, needle: str) ->
     assert needle in ready["message"]
     deployments = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments")["items"]
     assert deployments == []
+
+
+@pytest.fixture(scope="module")
+def kstatus() -> str:
+    """The hack/kstatus binary: the verdict Flux and kpt compute (sigs.k8s.io/cli-utils)."""
+    return str(build.build(("kstatus",))["kstatus"])
+
+
+def verdict(binary: str, obj: Obj) -> str:
+    out = subprocess.run([binary], input=json.dumps(obj), capture_output=True, text=True, check=True, timeout=30)
+    return str(json.loads(out.stdout)["status"])
+
+
+def kubectl(env: Env, *args: str) -> str:
+    out = subprocess.run(
+        [str(Path(sys.prefix) / "bin" / "kubectl"), f"--kubeconfig={env.cluster.kubeconfig}", "-n", env.ns, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_scale_subresource_pdb_labels_no_finalizer_and_kstatus(env: Env, kstatus: str) -> None:
+    one = make_uri_adapter(env, "one", seed=11)
+    body = adapter_deployment("scaled", [{"name": "one", "uri": one}])
+    # Argo CD's tracking label on the owner must not be copied to the children (Argo CD would prune them).
+    body["metadata"]["labels"] = {"app.kubernetes.io/instance": "argo-app", "team": "a"}
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", body)
+    env.wait_phase("scaled", "Ready")
+    obj = env.cluster.kube.get(env.ad_path("scaled"))
+    assert not obj["metadata"].get("finalizers"), "no finalizer: deleting never waits for the operator"
+    assert verdict(kstatus, obj) == "Current"
+    assert obj["status"]["selector"] == "app.kubernetes.io/component=server,kubelora.io/adapterdeployment=scaled"
+
+    apps = f"/apis/apps/v1/namespaces/{env.ns}"
+    pdb = env.cluster.kube.get(f"/apis/policy/v1/namespaces/{env.ns}/poddisruptionbudgets/scaled")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert [o["uid"] for o in pdb["metadata"]["ownerReferences"]] == [obj["metadata"]["uid"]]
+    dep = env.cluster.kube.get(f"{apps}/deployments/scaled")
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}  # CPU: no gap
+    service = env.cluster.kube.get(f"/api/v1/namespaces/{env.ns}/services/scaled")
+    for child in (dep, pdb, env.pods("scaled")[0], service):
+        labels = child["metadata"]["labels"]
+        assert labels["kubelora.io/adapterdeployment"] == "scaled"
+        assert "app.kubernetes.io/instance" not in labels and "team" not in labels
+
+    # The scale subresource: what `kubectl scale` and an HPA use. The Deployment follows spec.replicas.
+    kubectl(env, "scale", "adapterdeployment/scaled", "--replicas=2")
+    scaled = env.cluster.kube.get(env.ad_path("scaled"))
+    assert scaled["spec"]["replicas"] == 2
+    assert verdict(kstatus, scaled) == "InProgress", "a generation the operator has not applied yet"
+    env.cluster.wait_for(
+        lambda: env.cluster.kube.get(f"{apps}/deployments/scaled")["spec"]["replicas"] == 2,
+        timeout=60,
+        what="the Deployment to follow the scale subresource",
+    )
+    scale = json.loads(kubectl(env, "get", "--raw", f"{env.ad_path('scaled')}/scale"))
+    assert scale["spec"]["replicas"] == 2
+    assert scale["status"]["selector"] == obj["status"]["selector"]
+    env.cluster.wait_for(
+        lambda: env.status("scaled").get("readyReplicas") == 2 and env.status("scaled").get("phase") == "Ready",
+        timeout=READY_TIMEOUT,
+        what="two Ready replicas",
+    )
+    assert verdict(kstatus, env.cluster.kube.get(env.ad_path("scaled"))) == "Current"
+
+
+def test_kstatus_reads_bad_spec_and_unschedulable_as_failed(env: Env, kstatus: str) -> None:
+    bad = adapter_deployment("ks-bad", [])
+    bad["spec"]["baseModel"]["uri"] = "s3://models/tiny"  # the engines cannot open it: InvalidSpec
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", bad)
+    # A GPU pod asking for more GPUs than the node has waits unschedulable: Reconciling first, then Stalled.
+    greedy = adapter_deployment("ks-greedy", [])
+    greedy["spec"].update({"engine": "vllm", "resources": {"gpus": 2}})
+    env.cluster.kube.create(f"{GROUP_PATH}/{env.ns}/adapterdeployments", greedy)
+
+    env.wait_phase("ks-bad", "Failed", timeout=60)
+    obj = env.cluster.kube.get(env.ad_path("ks-bad"))
+    stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "InvalidSpec")
+    assert verdict(kstatus, obj) == "Failed"
+
+    def unschedulable() -> Obj | None:
+        st = env.status("ks-greedy")
+        return st if "Unschedulable" in (st.get("message") or "") else None
+
+    st = env.cluster.wait_for(unschedulable, timeout=60, what="the scheduler's reason in status.message")
+    assert "nvidia.com/gpu" in st["message"]
+    assert verdict(kstatus, env.cluster.kube.get(env.ad_path("ks-greedy"))) == "InProgress"
+    dep = env.cluster.kube.get(f"/apis/apps/v1/namespaces/{env.ns}/deployments/ks-greedy")
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}  # GPU: no spare needed
+    env.wait_phase("ks-greedy", "Failed", timeout=120)
+    obj = env.cluster.kube.get(env.ad_path("ks-greedy"))
+    stalled = next(c for c in obj["status"]["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "Unschedulable")
+    assert verdict(kstatus, obj) == "Failed"
