@@ -132,8 +132,9 @@ def _measure(info: local_cluster.ClusterInfo, count: int, idle_seconds: float, c
              launcher: list[str] | None) -> dict[str, Any]:
     kube = info.client()
     kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    wait_until(lambda: kube.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default").get("secrets"), 30,
-               "the namespace's token")
+    # What a pod's projected token volume needs (v1.24+ has no token Secrets): the SA and the root CA.
+    wait_until(lambda: kube.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default")
+               and kube.get(f"/api/v1/namespaces/{NS}/configmaps/kube-root-ca.crt"), 30, "the namespace's SA")
     operator = OperatorProcess(kubeconfig=Path(info.kubeconfig), log_path=state_dir / "operator.log")
     if launcher:
         operator.launcher = launcher
