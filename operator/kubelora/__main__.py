@@ -2,7 +2,6 @@
 
     kubelora-operator --all-namespaces            # cluster-wide
     kubelora-operator -n ml -n research --log-format json
-    kubelora-operator -A --webhook self-signed     # reject bad specs at `kubectl apply` (local cluster)
 """
 
 from __future__ import annotations
@@ -32,15 +31,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser.add_argument("--server-image", default=base.server_image)
     parser.add_argument("--peering", default=base.peering, help="kopf peering name for HA; omit to run standalone")
     parser.add_argument("--log-format", choices=["text", "json"], default=base.log_format)
-    parser.add_argument("--webhook", choices=["", "self-signed", "cluster"], default=base.webhook,
-                        help="serve the validating admission webhook ('' off)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' disables)")
     args = parser.parse_args(argv)
     namespaces = [] if args.all_namespaces else (args.namespace or base.namespaces)
     settings = base.model_copy(update={
         "namespaces": namespaces, "trainer_image": args.trainer_image, "server_image": args.server_image,
-        "peering": args.peering or None, "log_format": args.log_format,
-        "webhook": args.webhook})
+        "peering": args.peering or None, "log_format": args.log_format})
     return settings, args
 
 

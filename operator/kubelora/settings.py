@@ -32,20 +32,6 @@ class Settings(BaseModel):
     """How often each AdapterDeployment's agents are asked for their adapter states."""
     progress_interval_seconds: float = Field(default=3.0, gt=0)
     """Passed to the trainer: the least time between two progress patches."""
-    webhook: Literal["", "self-signed", "cluster"] = ""
-    """The validating admission webhook: "" off; "self-signed" serves https://<webhookHost>:<port> with a
-    generated certificate (the API server runs on this host: local clusters, tests); "cluster" serves
-    behind the Service ``webhook_service`` (the chart's webhook.enabled)."""
-    webhook_port: int = Field(default=9443, ge=0, le=65535)
-    """Port the webhook server listens on; 0 picks a free one."""
-    webhook_host: str = "127.0.0.1"
-    """self-signed: the address the API server calls (and the certificate names)."""
-    webhook_service: str = ""
-    """cluster: ``<namespace>/<name>`` of the Service (port 443) in front of the operator's webhook port."""
-    webhook_cert_dir: str = ""
-    """cluster: a directory with tls.crt and tls.key (a mounted Secret); empty generates a certificate."""
-    webhook_managed: str = "kubelora.io"
-    """Name of the ValidatingWebhookConfiguration the operator creates and keeps up to date."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -172,5 +172,5 @@ def test_adapter_rules(adapters: list[dict[str, Any]], message: str) -> None:
 
 
 def test_cpu_loras_must_cover_gpu_loras() -> None:
-    with pytest.raises(ValidationError, match=r"maxCpuLoras \(2\) must be >= vllm.maxLoras \(4\)"):
+    with pytest.raises(ValidationError, match=r"maxCpuLoras must be >= vllm.maxLoras"):
         AdapterDeploymentSpec.model_validate({**AD, "vllm": {"maxLoras": 4, "maxCpuLoras": 2}})

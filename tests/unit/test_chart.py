@@ -75,26 +75,11 @@ def test_ha_uses_peering(values: tuple[str, ...]) -> None:
     assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"] == ["kubelora"]
 
 
-@pytest.mark.parametrize("enabled", [pytest.param(False, id="webhook-off"), pytest.param(True, id="webhook-on")])
-def test_webhook_is_opt_in(enabled: bool) -> None:
-    docs = render(f"webhook.enabled={str(enabled).lower()}")
-    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert ("--webhook=cluster" in container["args"]) is enabled
-    services = [d for d in docs if d["kind"] == "Service"]
-    discovery = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-discovery"))
-    webhook_rules = [r for r in discovery["rules"] if "admissionregistration.k8s.io" in r["apiGroups"]]
-    if not enabled:
-        assert services == [] and webhook_rules == []
-        return
-    [service] = services
-    assert service["metadata"]["name"] == "kl-operator-webhook" and service["spec"]["ports"][0]["port"] == 443
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["KUBELORA_WEBHOOK_SERVICE"] == "kubelora-system/kl-operator-webhook"
-    assert {"name": "webhook", "containerPort": 9443} in container["ports"]
-    assert webhook_rules == [
-        {
-            "apiGroups": ["admissionregistration.k8s.io"],
-            "resources": ["validatingwebhookconfigurations"],
-            "verbs": ["get", "list", "watch", "create", "patch"],
-        }
-    ]
+def test_no_admission_webhook_is_installed() -> None:
+    """CEL rules in the CRDs replace the webhook: nothing cluster-wide to leave behind on uninstall."""
+    docs = render()
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+    assert not [d for d in docs if d["kind"] == "Service" and "webhook" in d["metadata"]["name"]]
+    rules = [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    assert not [r for r in rules if "admissionregistration.k8s.io" in r["apiGroups"]]

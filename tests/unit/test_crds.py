@@ -139,3 +139,35 @@ def test_crd_schema_rejects_what_it_can(kind: str, spec: dict[str, Any]) -> None
     doc = {"apiVersion": "kubelora.io/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec}
     with pytest.raises(jsonschema.ValidationError):
         crd_validator(kind).validate(doc)
+
+
+def api_models() -> list[type[Any]]:
+    from kubelora.api import adapterdeployment, lorajob
+    from kubelora.api.common import ApiModel
+
+    return [m for mod in (lorajob, adapterdeployment) for m in vars(mod).values()
+            if isinstance(m, type) and issubclass(m, ApiModel) and m.__module__ == mod.__name__]
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m.__name__) for m in api_models()])
+def test_every_cross_field_rule_has_a_cel_twin(model: type[Any]) -> None:
+    """A model validator the CRD cannot see would let `kubectl apply` store a spec the operator then fails."""
+    from kubelora.api.cel import KEY
+
+    validators = model.__pydantic_decorators__.model_validators
+    rules = (model.model_config.get("json_schema_extra") or {}).get(KEY, [])
+    assert bool(validators) == bool(rules), f"{model.__name__}: {len(validators)} validators, {len(rules)} CEL rules"
+    if rules:
+        schema = model.model_json_schema(by_alias=True)
+        assert schema[KEY] == rules  # reaches the generated CRD (test_generated_files_are_up_to_date)
+
+
+def test_the_transition_rule_names_every_training_field() -> None:
+    from kubelora.api.lorajob import TRAINING_FIELDS, training_fields_frozen
+
+    crd = all_crds()["kubelora.io_lorajobs.yaml"]
+    [root_rule] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    assert root_rule == training_fields_frozen().wire()
+    for field in TRAINING_FIELDS:
+        alias = LoRAJobSpec.model_fields[field].alias
+        assert f"self.spec.{alias} == oldSelf.spec.{alias}" in root_rule["rule"]

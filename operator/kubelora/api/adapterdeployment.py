@@ -4,13 +4,34 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from kubelora.api.cel import Rule, cel
 from kubelora.api.common import AnyUri, ApiModel, Condition, Digest, Resources, SecretName
 from kubelora.api.reasons import DeploymentPhase
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
+MAX_ADAPTERS = 1000
+"""Adapters one AdapterDeployment may list; CEL rules over the list need a bound to be priced."""
+
+CPU_LORAS_COVER_GPU_LORAS = Rule(
+    # The API server checks the schema's `default: {}` against this rule before filling in field defaults.
+    "!has(self.maxCpuLoras) || !has(self.maxLoras) || self.maxCpuLoras >= self.maxLoras",
+    "vllm.maxCpuLoras must be >= vllm.maxLoras: every adapter resident on a GPU is also cached in CPU memory")
+EXACTLY_ONE_SOURCE = Rule(
+    "has(self.loraJobRef) != has(self.uri)", "adapter: set exactly one of loraJobRef or uri",
+    message_expression="\"adapter '\" + self.name + \"': set exactly one of loraJobRef or uri\"")
+NO_HF_ADAPTERS = Rule(
+    "!has(self.uri) || !self.uri.startsWith('hf://')",
+    "adapter: hf:// is for base models; use pvc://, s3://, https:// or file://",
+    message_expression="\"adapter '\" + self.name + \"': hf:// is for base models; use pvc://, s3://, https:// "
+                       "or file://\"", field_path=".uri")
+NAMES_DO_NOT_SHADOW_BASE = Rule(
+    "!has(self.adapters) || !self.adapters.exists(a, a.name == self.baseModel.servedName)",
+    "an adapter name equals baseModel.servedName; pick another name",
+    message_expression="\"adapter name '\" + self.baseModel.servedName + \"' equals baseModel.servedName; pick "
+                       "another name\"", field_path=".adapters")
 
 
 class ServedBaseModel(ApiModel):
@@ -26,6 +47,8 @@ class ServedBaseModel(ApiModel):
 
 class VllmSpec(ApiModel):
     """vLLM engine settings (also honoured by the CPU engine where they apply)."""
+
+    model_config = ConfigDict(json_schema_extra=cel(CPU_LORAS_COVER_GPU_LORAS))
 
     image: str = ""
     """Server image; empty uses the operator's default."""
@@ -43,7 +66,7 @@ class VllmSpec(ApiModel):
     @model_validator(mode="after")
     def _cpu_loras_cover_gpu_loras(self) -> VllmSpec:
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"vllm.maxCpuLoras ({self.max_cpu_loras}) must be >= vllm.maxLoras ({self.max_loras})")
+            raise ValueError(CPU_LORAS_COVER_GPU_LORAS.message)
         return self
 
 
@@ -55,6 +78,8 @@ class LoRAJobRef(ApiModel):
 
 class AdapterSource(ApiModel):
     """One adapter to serve: from a LoRAJob or from a URI."""
+
+    model_config = ConfigDict(json_schema_extra=cel(EXACTLY_ONE_SOURCE, NO_HF_ADAPTERS))
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
     """The model name clients send to /v1/chat/completions to use this adapter."""
@@ -81,13 +106,18 @@ class ServiceSpec(ApiModel):
 class AdapterDeploymentSpec(ApiModel):
     """Desired state of an AdapterDeployment."""
 
+    model_config = ConfigDict(json_schema_extra=cel(NAMES_DO_NOT_SHADOW_BASE))
+
     base_model: ServedBaseModel
     replicas: int = Field(default=1, ge=0, le=100)
     engine: Literal["vllm", "cpu"] = "vllm"
     """vllm on GPUs; cpu is a transformers+peft engine for local clusters and tests."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
     resources: Resources = Field(default_factory=Resources)
-    adapters: list[AdapterSource] = Field(default_factory=list)
+    adapters: list[AdapterSource] = Field(
+        default_factory=list, max_length=MAX_ADAPTERS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    """Adapters to serve, keyed by name: the API server refuses a name listed twice."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
 
     @field_validator("adapters")

@@ -19,8 +19,9 @@ import yaml
 from pydantic import BaseModel
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
+from kubelora.api.cel import KEY, Rule
 from kubelora.api.common import GROUP, VERSION
-from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus
+from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus, training_fields_frozen
 
 Schema = dict[str, Any]
 REPO = Path(__file__).resolve().parents[3]
@@ -80,8 +81,10 @@ def model_schema(model: type[BaseModel]) -> Schema:
     return structural(raw, defs)  # type: ignore[no-any-return]
 
 
-def _root_schema(kind_doc: str, spec: type[BaseModel], status: type[BaseModel]) -> Schema:
+def _root_schema(kind_doc: str, spec: type[BaseModel], status: type[BaseModel],
+                 rules: tuple[Rule, ...] = ()) -> Schema:
     return {
+        **({KEY: [r.wire() for r in rules]} if rules else {}),
         "type": "object",
         "description": kind_doc,
         "required": ["spec"],
@@ -105,7 +108,7 @@ def _column(name: str, path: str, kind: str = "string", description: str = "", p
 
 
 def crd(kind: str, plural: str, short: str, doc: str, spec: type[BaseModel], status: type[BaseModel],
-        columns: list[Schema], subresources: Schema | None = None) -> Schema:
+        columns: list[Schema], subresources: Schema | None = None, rules: tuple[Rule, ...] = ()) -> Schema:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -121,7 +124,7 @@ def crd(kind: str, plural: str, short: str, doc: str, spec: type[BaseModel], sta
                 "storage": True,
                 "subresources": {"status": {}, **(subresources or {})},
                 "additionalPrinterColumns": [*columns, _column("Age", ".metadata.creationTimestamp", "date")],
-                "schema": {"openAPIV3Schema": _root_schema(doc, spec, status)},
+                "schema": {"openAPIV3Schema": _root_schema(doc, spec, status, rules)},
             }],
         },
     }
@@ -142,7 +145,7 @@ def all_crds() -> dict[str, Schema]:
                 _column("Progress", ".status.progress.percent", "integer", "percent of training steps done"),
                 _column("Loss", ".status.progress.loss", "number"),
                 _column("Adapter", ".status.adapter.uri", priority=1),
-            ]),
+            ], rules=(training_fields_frozen(),)),
         f"{GROUP}_adapterdeployments.yaml": crd(
             "AdapterDeployment", "adapterdeployments", "ad",
             "AdapterDeployment serves a base model with vLLM multi-LoRA and attaches adapters at runtime.",

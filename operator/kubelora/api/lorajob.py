@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from kubelora.api.cel import Rule, cel, quote
 from kubelora.api.common import (
     AnyUri,
     ApiModel,
@@ -15,9 +16,18 @@ from kubelora.api.common import (
     SecretName,
     UriField,
 )
-from kubelora.api.reasons import JobPhase
+from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 DEFAULT_EVAL_SPLIT = 0.1
+TERMINAL = (JobPhase.SUCCEEDED, JobPhase.FAILED)
+TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training")
+"""The LoRAJobSpec fields that define what is trained: frozen while a run is in progress."""
+
+EVAL_SPLIT_XOR_URI = Rule("!has(self.evalUri) || !has(self.evalSplit) || self.evalSplit == 0.0",
+                          "dataset: set either evalSplit or evalUri, not both")
+QUANTIZATION_ONLY_FOR_QLORA = Rule(
+    "self.method == 'qlora' || !has(self.quantization)",
+    "quantization is only used with method: qlora; remove it or set method: qlora", field_path=".quantization")
 
 
 class BaseModelSource(ApiModel):
@@ -31,6 +41,8 @@ class BaseModelSource(ApiModel):
 
 class DatasetSource(ApiModel):
     """The training data: JSON Lines, JSON or Parquet, one file or a directory."""
+
+    model_config = ConfigDict(json_schema_extra=cel(EVAL_SPLIT_XOR_URI))
 
     uri: UriField("pvc", "s3", "https", "file")  # type: ignore[valid-type]
     """Where the data is: pvc://, s3://, https:// or file:// (.jsonl, .json, .parquet or a directory)."""
@@ -46,7 +58,7 @@ class DatasetSource(ApiModel):
     @model_validator(mode="after")
     def _split_xor_uri(self) -> DatasetSource:
         if self.eval_uri and self.eval_split:
-            raise ValueError("dataset: set either evalSplit or evalUri, not both")
+            raise ValueError(EVAL_SPLIT_XOR_URI.message)
         return self
 
     @property
@@ -125,6 +137,8 @@ class OutputSpec(ApiModel):
 class LoRAJobSpec(ApiModel):
     """Desired state of a LoRAJob."""
 
+    model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA))
+
     base_model: BaseModelSource
     dataset: DatasetSource
     output: OutputSpec
@@ -148,7 +162,7 @@ class LoRAJobSpec(ApiModel):
     @model_validator(mode="after")
     def _quantization_only_for_qlora(self) -> LoRAJobSpec:
         if self.method == "lora" and self.quantization is not None:
-            raise ValueError("quantization is only used with method: qlora; remove it or set method: qlora")
+            raise ValueError(QUANTIZATION_ONLY_FOR_QLORA.message)
         return self
 
     @property
@@ -160,8 +174,35 @@ class LoRAJobSpec(ApiModel):
     def training_fields(self) -> dict[str, Any]:
         """The fields that define what is trained; they cannot change while a run is in progress."""
         return self.model_dump(
-            mode="json", by_alias=True, include={"base_model", "dataset", "output", "method", "lora",
-                                                 "quantization", "training"})
+            mode="json", by_alias=True, include=set(TRAINING_FIELDS))
+
+
+def _alias(name: str) -> str:
+    return LoRAJobSpec.model_fields[name].alias or name
+
+
+def _same(field: str) -> str:
+    new, old = f"self.spec.{field}", f"oldSelf.spec.{field}"
+    return f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))"
+
+
+def training_fields_frozen() -> Rule:
+    """The transition rule on the whole LoRAJob that mirrors the reconciler's deferral of training changes.
+
+    Once a run has a training Job and is not finished (``status.jobName`` set, phase not terminal), the
+    reconciler keeps training with the values the run started with; refusing the change at apply time says
+    so at once. A change made before this rule existed (Validated=False/SpecImmutable) stays revertable.
+    """
+    running = (f"has(oldSelf.status) && has(oldSelf.status.jobName) && has(oldSelf.status.phase) && "
+               f"!(oldSelf.status.phase in [{', '.join(quote(p) for p in TERMINAL)}])")
+    drifted = (f"has(oldSelf.status.conditions) && oldSelf.status.conditions.exists(c, "
+               f"c.type == {quote(ConditionType.VALIDATED)} && c.reason == {quote(Reason.SPEC_IMMUTABLE)})")
+    same = " && ".join(_same(_alias(f)) for f in TRAINING_FIELDS)
+    fields = ", ".join(_alias(f) for f in TRAINING_FIELDS)
+    return Rule(f"!({running}) || ({drifted}) || ({same})",
+                f"spec fields {fields} cannot change while a run is in progress (status.jobName is set): the run "
+                "keeps the values it started with. Revert the change, apply it after the run ends (it then starts "
+                "a new run), or delete and re-create the LoRAJob to start over now")
 
 
 class AdapterInfo(ApiModel):

@@ -16,9 +16,6 @@ def configure(settings: Settings) -> None:
     """Called once before kopf starts: the handlers read ``SETTINGS`` instead of the environment."""
     global SETTINGS
     SETTINGS = settings
-    if settings.webhook:
-        # Registered only when served: kopf refuses to start with validate handlers and no server.
-        from kubelora.handlers import admission as admission
 
 
 @kopf.on.startup()
@@ -34,11 +31,6 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     if SETTINGS.peering:
         settings.peering.name = SETTINGS.peering
         settings.peering.mandatory = True
-    if SETTINGS.webhook:
-        from kubelora.handlers.webhook_server import build_server
-
-        settings.admission.server = build_server(SETTINGS)
-        settings.admission.managed = SETTINGS.webhook_managed
 
 
 from kubelora.handlers import adapterdeployment as adapterdeployment  # noqa: E402  (registers handlers)

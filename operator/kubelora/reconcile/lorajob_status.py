@@ -16,11 +16,11 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from kubelora.api.common import Condition, upsert_condition
+from kubelora.api.lorajob import TERMINAL as TERMINAL
 from kubelora.api.lorajob import LoRAJobStatus
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 CondStatus = Literal["True", "False", "Unknown"]
-TERMINAL = (JobPhase.SUCCEEDED, JobPhase.FAILED)
 PREFLIGHT_REASONS = (Reason.INVALID_DATASET, Reason.BASE_MODEL_UNAVAILABLE, Reason.PREFLIGHT_FAILED,
                      Reason.INVALID_SPEC)
 """Reasons of a run that ended before training: Validated is False with the same reason."""
