@@ -448,11 +448,8 @@ def test_new_lorajob_run_rolls_the_adapter_forward_in_place(env: Env) -> None:
     ("spec", "needle"),
     [
         pytest.param({"baseModel": {"uri": "s3://models/tiny", "servedName": SERVED}}, "pvc://", id="s3-base-model"),
-        pytest.param(
-            {"adapters": [{"name": "a", "uri": "file:///x"}, {"name": "a", "uri": "file:///y"}]},
-            "listed twice",
-            id="duplicate-adapter-names",
-        ),
+        pytest.param({"adapters": [{"name": "a", "uri": "pvc://adapters/../a"}]}, "'..' is not allowed",
+                     id="adapter-uri-escapes-its-claim"),
     ],
 )
 def test_unservable_spec_fails_without_pods(env: Env, spec: Obj, needle: str) -> None:

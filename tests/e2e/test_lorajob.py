@@ -202,9 +202,10 @@ def test_bad_dataset_fails_preflight_with_line_number(env: Env) -> None:
 
 
 def test_invalid_spec_fails_without_children(env: Env) -> None:
-    env.create("invalid", spec("invalid", quantization={"quantType": "nf4"}))  # quantization needs qlora
+    # The CRD's pattern admits it, the URI parser does not (the CEL rules' cases never land: test_cel_rules.py).
+    env.create("invalid", spec("invalid", dataset={"uri": "pvc://data/../chat.jsonl"}))
     status = env.wait_phase("invalid", "Failed", timeout=30)
-    assert "quantization is only used with method: qlora" in status["message"]
+    assert "spec.dataset.uri: 'pvc://data/../chat.jsonl': '..' is not allowed in a path" in status["message"]
     time.sleep(1)
     assert env.children("jobs", "invalid") == []
 
