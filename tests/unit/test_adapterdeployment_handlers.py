@@ -12,7 +12,7 @@ import pytest
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.handlers.adapterdeployment_agents import agent_client, agent_url, poll_agents
 from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed
-from kubelora.handlers.adapterdeployment_kube import Applier, ApplyError, object_path
+from kubelora.handlers.kube import manifest_path
 from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
 from kubelora.reconcile.adapterdeployment_views import PodView
 
@@ -153,7 +153,11 @@ def test_pdb_allows_one_disruption_of_the_serving_pods() -> None:
 def test_only_changed_children_are_applied_again() -> None:
     memo: dict[str, Any] = {}
     sent: list[str] = []
-    apply_children(children(), memo, lambda m: sent.append(m["kind"]))
+
+    async def record(manifest: dict[str, Any]) -> None:
+        sent.append(manifest["kind"])
+
+    asyncio.run(apply_children(children(), memo, record))
     assert len(sent) == 7
     assert changed(children(), memo) == []
     new = children(ResolvedAdapter("legal", uri="s3://b/legal", digest=DIGEST))
@@ -166,12 +170,12 @@ def test_only_changed_children_are_applied_again() -> None:
 def test_failed_apply_is_retried_next_time() -> None:
     memo: dict[str, Any] = {}
 
-    def refuse_deployments(manifest: dict[str, Any]) -> None:
+    async def refuse_deployments(manifest: dict[str, Any]) -> None:
         if manifest["kind"] == "Deployment":
             raise RuntimeError("forbidden")
 
     with pytest.raises(RuntimeError):
-        apply_children(children(), memo, refuse_deployments)
+        asyncio.run(apply_children(children(), memo, refuse_deployments))
     assert [k["kind"] for k in changed(children(), memo)] == ["Deployment", "Service", "PodDisruptionBudget"]
 
 
@@ -200,48 +204,4 @@ def test_failed_apply_is_retried_next_time() -> None:
     ],
 )
 def test_object_path(manifest: dict[str, Any], path: str) -> None:
-    assert object_path(manifest) == path
-
-
-class FakeApiClient:
-    """Stands in for kubernetes.client.ApiClient: answers call_api from a script of statuses."""
-
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses
-        self.calls: list[tuple[str, str, Any]] = []
-
-    def call_api(self, path: str, method: str, **kw: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
-        self.calls.append((method, path, kw["header_params"]["Content-Type"]))
-        status = self.statuses.pop(0)
-        if status >= 400:
-            raise ApiException(status=status, reason="x")
-
-        class Resp:
-            data = b'{"kind": "ConfigMap"}'
-
-        return Resp()
-
-
-CONFIGMAP = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "n"}}
-
-
-def test_apply_retries_a_lost_create_race() -> None:
-    api = FakeApiClient([409, 200])
-    assert Applier(api).apply(CONFIGMAP) == {"kind": "ConfigMap"}
-    assert [c[2] for c in api.calls] == ["application/apply-patch+yaml"] * 2
-
-
-def test_apply_reports_forbidden() -> None:
-    with pytest.raises(ApplyError) as info:
-        Applier(FakeApiClient([403])).apply(CONFIGMAP)
-    assert info.value.status == 403
-
-
-def test_status_is_a_merge_patch_on_the_subresource() -> None:
-    api = FakeApiClient([200])
-    Applier(api).patch_status("/apis/kubelora.io/v1alpha1/namespaces/n/adapterdeployments/a", {"phase": "Ready"})
-    assert api.calls == [
-        ("PATCH", "/apis/kubelora.io/v1alpha1/namespaces/n/adapterdeployments/a/status", "application/merge-patch+json")
-    ]
+    assert manifest_path(manifest) == path

@@ -18,8 +18,8 @@ import pytest
 from kubelora.api.adapterdeployment import AdapterDeploymentStatus
 from kubelora.handlers import adapterdeployment_loop as loop
 from kubelora.handlers.adapterdeployment_agents import agent_client
-from kubelora.handlers.adapterdeployment_kube import ApplyError
 from kubelora.handlers.adapterdeployment_loop import IDLE_SECONDS, Indexes, Supervisor
+from kubelora.handlers.kube import ApiError
 from kubelora.reconcile.adapterdeployment_views import DeploymentView, PodBlocker, PodView, pod_view
 
 KEY = ("ml", "chat")
@@ -43,7 +43,7 @@ class World:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.applied: list[str] = []
-        self.refuse: ApplyError | None = None
+        self.refuse: ApiError | None = None
         self.writes: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.deployments: dict[tuple[str, str], list[DeploymentView]] = {}
@@ -56,12 +56,12 @@ class World:
                               image="ghcr.io/kubelora/server:t", pull_policy="Never", apply=self.apply,
                               patch_status=self.patch_status, client=self.client, clock=lambda: self.now)
 
-    def apply(self, manifest: Mapping[str, Any]) -> None:
+    async def apply(self, manifest: Mapping[str, Any]) -> None:
         if self.refuse is not None and manifest["kind"] == "Deployment":
             raise self.refuse
         self.applied.append(manifest["kind"])
 
-    def patch_status(self, _path: str, diff: Mapping[str, Any]) -> None:
+    async def patch_status(self, _path: str, diff: Mapping[str, Any]) -> None:
         self.writes.append(dict(diff))
 
     def tick(self, obj: dict[str, Any]) -> AdapterDeploymentStatus:
@@ -96,7 +96,7 @@ def test_refused_apply_holds_observed_generation_and_says_why(world: World, code
                                                               reason: str) -> None:
     before = ready_status(world)
     assert before["observedGeneration"] == 1
-    world.refuse = ApplyError(code, f"PATCH /apis/apps/v1/namespaces/ml/deployments/chat: HTTP {code}: no")
+    world.refuse = ApiError(code, f"PATCH /apis/apps/v1/namespaces/ml/deployments/chat: HTTP {code}: no")
     edited = body(generation=2, status=before, replicas=2)
     status = world.tick(edited)
     conds = world.conditions(status)
@@ -119,7 +119,7 @@ def test_refused_apply_holds_observed_generation_and_says_why(world: World, code
 
 
 def test_persistent_refusal_retries_slowly(world: World) -> None:
-    world.refuse = ApplyError(403, "forbidden")
+    world.refuse = ApiError(403, "forbidden")
     world.tick(body())
     assert world.sup.tracked[KEY].interval == loop.REFUSED_SECONDS
 

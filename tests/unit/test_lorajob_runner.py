@@ -7,7 +7,7 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from kubelora.handlers.lorajob_client import ApiError, path
+from kubelora.handlers.kube import ApiError, path
 from kubelora.handlers.lorajob_runner import Reconciler
 from kubelora.reconcile.lorajob_observed import Observed, job_state
 from kubelora.settings import Settings

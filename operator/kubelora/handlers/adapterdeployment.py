@@ -21,11 +21,12 @@ import kopf
 
 from kubelora.api.common import GROUP, VERSION
 from kubelora.handlers.adapterdeployment_agents import agent_client
-from kubelora.handlers.adapterdeployment_kube import APPLIER
 from kubelora.handlers.adapterdeployment_loop import Indexes, Key, Supervisor
+from kubelora.handlers.kube import API, apply, patch_status
 from kubelora.reconcile.adapterdeployment_refs import JobView, job_view
 from kubelora.reconcile.adapterdeployment_views import DeploymentView, PodView, deployment_view, pod_view
 from kubelora.resources.pods import DEPLOYMENT_LABEL, MANAGED_BY, MANAGER
+from kubelora.resources.serving_common import FIELD_MANAGER
 
 AD = (GROUP, VERSION, "adapterdeployments")
 LORAJOBS = (GROUP, VERSION, "lorajobs")
@@ -59,7 +60,9 @@ async def adapterdeployment_startup(settings: kopf.OperatorSettings, memo: kopf.
     indexes = Indexes(kwargs["lorajob_views"], kwargs["serving_pods"], kwargs["serving_deployments"])
     sup = Supervisor(indexes,
                      poll_seconds=options.adapter_poll_seconds, image=options.server_image,
-                     pull_policy=options.image_pull_policy, apply=APPLIER.apply, patch_status=APPLIER.patch_status,
+                     pull_policy=options.image_pull_policy,
+                     apply=lambda manifest: apply(API, manifest, FIELD_MANAGER),
+                     patch_status=lambda path, status: patch_status(API, path, status, FIELD_MANAGER),
                      client=agent_client())
     memo[MEMO_KEY] = sup
     sup.start()

@@ -1,16 +1,15 @@
 """Build every child of an AdapterDeployment and apply the ones that changed.
 
-The handlers (create/update/resume) apply all children; the timer applies only those whose rendered
-manifest differs from what this operator process last applied (kept in the object's kopf memo), so a
-steady state makes no API calls at all, while a LoRAJob publishing a new adapter reaches the ConfigMap
-within one poll interval.
+The supervisor applies only the children whose rendered manifest differs from what this operator process
+last applied (kept in its memo of the object), so a steady state makes no API calls at all, while a
+LoRAJob publishing a new adapter reaches the ConfigMap within one poll interval.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
@@ -65,13 +64,13 @@ def changed(children: Sequence[Manifest], memo: MutableMapping[str, Any]) -> lis
     return [c for c in children if applied.get(child_key(c)) != manifest_hash(c)]
 
 
-def apply_children(children: Sequence[Manifest], memo: MutableMapping[str, Any],
-                   apply: Callable[[Manifest], Any]) -> list[str]:
+async def apply_children(children: Sequence[Manifest], memo: MutableMapping[str, Any],
+                         apply: Callable[[Manifest], Awaitable[Any]]) -> list[str]:
     """Apply each child (in order) and remember its hash; returns the keys applied."""
     applied: dict[str, str] = dict(memo.get(APPLIED_KEY) or {})
     done = []
     for child in children:
-        apply(child)
+        await apply(child)
         applied[child_key(child)] = manifest_hash(child)
         memo[APPLIED_KEY] = dict(applied)
         done.append(child_key(child))

@@ -22,7 +22,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ from kubelora.api.common import GROUP, VERSION, now_rfc3339
 from kubelora.api.reasons import ConditionType, DeploymentPhase, Reason
 from kubelora.handlers.adapterdeployment_agents import poll_agents
 from kubelora.handlers.adapterdeployment_children import APPLIED_KEY, apply_children, build_children, changed
-from kubelora.handlers.adapterdeployment_kube import ApplyError
+from kubelora.handlers.kube import ApiError
 from kubelora.reconcile.adapterdeployment_refs import JobView, ResolvedAdapter, referenced_jobs, resolve_adapters
 from kubelora.reconcile.adapterdeployment_spec import parse_spec, status_patch
 from kubelora.reconcile.adapterdeployment_status import Observed, Refusal, aggregate_status
@@ -56,7 +56,7 @@ RESYNC_SECONDS = 600.0
 """Re-apply every child this often (no-op server-side applies write nothing), which repairs a child that
 was edited by hand; a missing Deployment is noticed at once through the index."""
 CONCURRENCY = 16
-"""Ticks run at once (each polls its agents and may apply children in a thread)."""
+"""Ticks run at once (each polls its agents and may apply children)."""
 INPUTS_KEY = "kubelora_inputs"
 """memo key: what the children were last built from, so an unchanged object costs no rebuild per poll."""
 RESYNC_KEY = "kubelora_resync_at"
@@ -79,7 +79,7 @@ class Indexes:
         return list(index.get(key, ()))
 
 
-def refusal(exc: ApplyError) -> Refusal:
+def refusal(exc: ApiError) -> Refusal:
     """Stalled for 400/403/422 with what to fix; Reconciling (retried) for anything else."""
     reason = PERSISTENT.get(exc.status)
     if reason is None:
@@ -128,7 +128,8 @@ class Supervisor:
     """Every known AdapterDeployment and the task that ticks them (``start``/``stop``)."""
 
     def __init__(self, indexes: Indexes, *, poll_seconds: float, image: str, pull_policy: str,
-                 apply: Callable[[Manifest], Any], patch_status: Callable[[str, Mapping[str, Any]], Any],
+                 apply: Callable[[Manifest], Awaitable[Any]],
+                 patch_status: Callable[[str, Mapping[str, Any]], Awaitable[Any]],
                  client: httpx.AsyncClient, clock: Callable[[], float] = time.monotonic) -> None:
         self.indexes = indexes
         self.poll_seconds = poll_seconds
@@ -291,8 +292,8 @@ class Supervisor:
         todo = changed(children, tracked.memo)
         if todo:
             try:
-                applied = await asyncio.to_thread(apply_children, todo, tracked.memo, self.apply)
-            except ApplyError as exc:
+                applied = await apply_children(todo, tracked.memo, self.apply)
+            except ApiError as exc:
                 log.warning("AdapterDeployment %s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"],
                             exc)
                 return None, refusal(exc)
@@ -324,8 +325,8 @@ class Supervisor:
         meta = body["metadata"]
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/adapterdeployments/{meta['name']}"
         try:
-            await asyncio.to_thread(self.patch_status, path, diff)
-        except ApplyError as exc:  # retried on the next tick (the stored status is still the old one)
+            await self.patch_status(path, diff)
+        except ApiError as exc:  # retried on the next tick (the stored status is still the old one)
             log.warning("AdapterDeployment %s/%s: status not written: %s", meta["namespace"], meta["name"], exc)
             return
         body["status"] = new.wire()  # until the watch brings the object back: no second identical write

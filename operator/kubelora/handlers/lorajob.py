@@ -26,7 +26,7 @@ import kopf
 
 from kubelora.api.common import GROUP, VERSION
 from kubelora.handlers import lorajob_kopf
-from kubelora.handlers.lorajob_client import KubeApi
+from kubelora.handlers.kube import API, KubeApi
 from kubelora.handlers.lorajob_runner import Key, Observer, Reconciler
 from kubelora.reconcile.lorajob import needs_reconcile
 from kubelora.reconcile.lorajob_observed import (
@@ -66,7 +66,7 @@ async def lorajob_startup(settings: kopf.OperatorSettings, logger: kopf.Logger, 
 
     settings.watching.label_selectors["batch", "jobs"] = LORAJOB_LABEL
     lorajob_kopf.install(settings)  # same essences, fewer deep copies on every watch event
-    _reconciler = Reconciler(KubeApi(settings, logger), package.SETTINGS)
+    _reconciler = Reconciler(API, package.SETTINGS)
 
 
 @kopf.on.cleanup()

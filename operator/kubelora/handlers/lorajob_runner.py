@@ -24,7 +24,7 @@ import kopf
 from kubelora.api.common import now_rfc3339
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
-from kubelora.handlers.lorajob_client import MERGE_PATCH, Api, ApiError, path
+from kubelora.handlers.kube import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete
 from kubelora.reconcile.lorajob_observed import Observed, controller_uid, job_state, pod_state
