@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.adapterdeployment import NAME_IS_A_SERVICE_NAME, AdapterDeploymentSpec
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora_local.kube import KubeError
 
@@ -94,6 +94,13 @@ def test_a_name_listed_twice_is_refused_by_the_list_map(cluster: LocalCluster, n
     assert "listed twice" in model_message(AdapterDeploymentSpec, twice)
     got = refusal(cluster, f"{API}/{namespace}/adapterdeployments", manifest("AdapterDeployment", "twice", twice))
     assert 'spec.adapters[1]: Duplicate value: {"name":"a"}' in got, got
+
+
+@pytest.mark.parametrize("name", ["a" * 64, "chat.v2", "2chat"])
+def test_an_adapterdeployment_name_must_name_a_service(cluster: LocalCluster, namespace: str, name: str) -> None:
+    got = refusal(cluster, f"{API}/{namespace}/adapterdeployments", manifest("AdapterDeployment", name, DEPLOYMENT))
+    assert NAME_IS_A_SERVICE_NAME.message in got, got
+    cluster.kube.create(f"{API}/{namespace}/adapterdeployments", manifest("AdapterDeployment", "c" * 63, DEPLOYMENT))
 
 
 def test_good_specs_are_stored(cluster: LocalCluster, namespace: str) -> None:

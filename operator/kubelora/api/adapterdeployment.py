@@ -27,6 +27,11 @@ NO_HF_ADAPTERS = Rule(
     "adapter: hf:// is for base models; use pvc://, s3://, https:// or file://",
     message_expression="\"adapter '\" + self.name + \"': hf:// is for base models; use pvc://, s3://, https:// "
                        "or file://\"", field_path=".uri")
+NAME_IS_A_SERVICE_NAME = Rule(
+    "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "metadata.name must be a DNS-1035 label (at most 63 lowercase letters, digits and '-', starting with a letter): "
+    "it names the Service and is the value of the pods' kubelora.io/adapterdeployment label")
+"""On the whole object: a CustomResource name may be a 253-character DNS subdomain, a Service name may not."""
 NAMES_DO_NOT_SHADOW_BASE = Rule(
     "!has(self.adapters) || !self.adapters.exists(a, a.name == self.baseModel.servedName)",
     "an adapter name equals baseModel.servedName; pick another name",

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus
+from kubelora.api.adapterdeployment import NAME_IS_A_SERVICE_NAME, AdapterDeploymentSpec, AdapterDeploymentStatus
 from kubelora.api.cel import KEY, Rule
 from kubelora.api.common import GROUP, VERSION
 from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus, training_fields_frozen
@@ -155,7 +155,7 @@ def all_crds() -> dict[str, Schema]:
                 _column("Adapters", ".status.adaptersReady", description="loaded/desired adapters"),
                 _column("Replicas", ".status.readyReplicas", "integer", "ready replicas"),
                 _column("Endpoint", ".status.endpoint", priority=1),
-            ], subresources={"scale": SCALE}),
+            ], subresources={"scale": SCALE}, rules=(NAME_IS_A_SERVICE_NAME,)),
     }
 
 
