@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import ADAPTER_CACHE_DIR, DESIRED_ADAPTERS_KEY, DesiredAdapter, DesiredAdapters
 from kubelora.resources.serving_common import TEMPLATE_HASH_ANNOTATION, configmap_name, endpoint
 from kubelora.resources.serving_configmap import adapters_configmap, desired_adapters
@@ -34,7 +35,7 @@ def parse(body: dict[str, Any]) -> AdapterDeploymentSpec:
 
 
 def deployment(body: dict[str, Any], adapter_uris: list[str | None] | None = None) -> dict[str, Any]:
-    return server_deployment(body, parse(body), image=IMAGE, adapter_uris=adapter_uris or [])
+    return server_deployment(ObjectRef.of(body), parse(body), image=IMAGE, adapter_uris=adapter_uris or [])
 
 
 def containers(dep: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -224,7 +225,7 @@ def test_template_hash_ignores_adapters(before: list[str | None], after: list[st
 def test_template_hash_follows_pod_inputs(change: dict[str, Any]) -> None:
     body = make_body(**change)
     image = body["spec"].get("vllm", {}).get("image") or IMAGE
-    changed = server_deployment(body, parse(body), image=image)
+    changed = server_deployment(ObjectRef.of(body), parse(body), image=image)
     assert template_hash(changed) != template_hash(deployment(make_body()))
 
 
@@ -241,7 +242,7 @@ def test_configmap_holds_desired_adapters() -> None:
             DesiredAdapter(name="support", uri="pvc://adapters/s/rev-1"),
         ],
     )
-    cm = adapters_configmap(body, desired)
+    cm = adapters_configmap(ObjectRef.of(body), desired)
     assert cm["metadata"]["name"] == configmap_name("support") == "support-adapters"
     assert cm["metadata"]["ownerReferences"][0]["kind"] == "AdapterDeployment"
     parsed = DesiredAdapters.model_validate_json(cm["data"][DESIRED_ADAPTERS_KEY])
@@ -253,21 +254,21 @@ def test_configmap_holds_desired_adapters() -> None:
         3,
         32,
     )
-    assert adapters_configmap(body, desired) == cm  # byte-stable: no churn on re-render
+    assert adapters_configmap(ObjectRef.of(body), desired) == cm  # byte-stable: no churn on re-render
 
 
 def test_service_and_endpoint() -> None:
     body = make_body(service={"type": "NodePort", "port": 9000})
-    svc = server_service(body, parse(body))
+    svc = server_service(ObjectRef.of(body), parse(body))
     assert svc["spec"]["type"] == "NodePort"
     assert svc["spec"]["ports"] == [{"name": "http", "port": 9000, "targetPort": 8000, "protocol": "TCP"}]
     assert svc["spec"]["selector"] == deployment(body)["spec"]["selector"]["matchLabels"]
-    assert endpoint(body, 9000) == "http://support.ml.svc:9000/v1"
+    assert endpoint(ObjectRef.of(body), 9000) == "http://support.ml.svc:9000/v1"
 
 
 def test_agent_rbac_is_one_configmap() -> None:
-    body = make_body()
-    sa, role, binding = agent_service_account(body), agent_role(body), agent_role_binding(body)
+    ref = ObjectRef.of(make_body())
+    sa, role, binding = agent_service_account(ref), agent_role(ref), agent_role_binding(ref)
     assert sa["metadata"]["name"] == role["metadata"]["name"] == binding["metadata"]["name"] == "support-agent"
     assert role["rules"] == [
         {

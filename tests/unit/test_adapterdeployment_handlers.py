@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.handlers.adapterdeployment_agents import agent_client, agent_url, poll_agents
 from kubelora.handlers.adapterdeployment_children import apply_children, build_children, changed
 from kubelora.handlers.kube import manifest_path
@@ -115,7 +116,8 @@ def ad_body() -> dict[str, Any]:
 def children(*resolved: ResolvedAdapter) -> list[dict[str, Any]]:
     body = ad_body()
     spec = AdapterDeploymentSpec.model_validate(body["spec"])
-    return build_children(body, spec, list(resolved), image="ghcr.io/kubelora/server:t", pull_policy="Never")
+    return build_children(ObjectRef.of(body), spec, list(resolved), image="ghcr.io/kubelora/server:t",
+                          pull_policy="Never")
 
 
 def test_children_are_owned_in_dependency_order_with_our_labels_only() -> None:

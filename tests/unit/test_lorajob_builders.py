@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubelora.api.lorajob import LoRAJobSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.resources.lorajob_config import (
     parse_trainer_config_map,
@@ -31,6 +32,7 @@ BODY = {
     "kind": "LoRAJob",
     "metadata": {"name": "bot", "namespace": "ml", "uid": "uid-1", "generation": 3},
 }
+REF = ObjectRef.of(BODY)
 SPEC = {
     "baseModel": {"uri": "hf://Qwen/Qwen2.5-7B-Instruct", "credentialsSecretRef": "hf"},
     "dataset": {"uri": "pvc://data/train.jsonl"},
@@ -62,10 +64,10 @@ def env_names(job: dict[str, Any]) -> dict[str, Any]:
 
 def test_owner_reference_makes_children_collectable() -> None:
     for manifest in [
-        trainer_config_map(BODY, 1, spec()),
-        *trainer_identity(BODY),
-        training_job(BODY, spec(), 1, 3, SETTINGS),
-        validation_job(BODY, spec(), 1, SETTINGS),
+        trainer_config_map(REF, 1, spec()),
+        *trainer_identity(REF),
+        training_job(REF, spec(), 1, 3, SETTINGS),
+        validation_job(REF, spec(), 1, SETTINGS),
     ]:
         ref = manifest["metadata"]["ownerReferences"][0]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == ("LoRAJob", "bot", "uid-1", True)
@@ -74,7 +76,7 @@ def test_owner_reference_makes_children_collectable() -> None:
 
 
 def test_config_map_holds_the_run_config_and_is_immutable() -> None:
-    cm = trainer_config_map(BODY, 2, spec())
+    cm = trainer_config_map(REF, 2, spec())
     assert cm["metadata"]["name"] == "bot-trainer-2"
     assert cm["immutable"] is True
     config = TrainerRunConfig.model_validate_json(cm["data"]["job.json"])
@@ -96,7 +98,7 @@ def test_unreadable_config_map_is_none(data: dict[str, str]) -> None:
 
 
 def test_trainer_identity_may_patch_only_its_own_status() -> None:
-    sa, role, binding = trainer_identity(BODY)
+    sa, role, binding = trainer_identity(REF)
     assert sa["kind"] == "ServiceAccount" and sa["metadata"]["name"] == "bot-trainer"
     assert role["rules"] == [
         {
@@ -108,11 +110,11 @@ def test_trainer_identity_may_patch_only_its_own_status() -> None:
     ]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bot-trainer"}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "bot-trainer", "namespace": "ml"}]
-    assert trainer_role(BODY)["metadata"]["name"] == "bot-trainer"
+    assert trainer_role(REF)["metadata"]["name"] == "bot-trainer"
 
 
 def test_training_job() -> None:
-    job = training_job(BODY, spec(), 2, 3, SETTINGS)
+    job = training_job(REF, spec(), 2, 3, SETTINGS)
     pod = job["spec"]["template"]["spec"]
     c = container(job)
     assert job["metadata"]["name"] == "bot-train-3"
@@ -137,7 +139,7 @@ def test_training_job() -> None:
 
 
 def test_credentials_come_from_secret_refs_never_values() -> None:
-    env = env_names(training_job(BODY, spec(), 1, 1, SETTINGS))
+    env = env_names(training_job(REF, spec(), 1, 1, SETTINGS))
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     assert all("value" not in e for name, e in env.items() if name != "KUBELORA_PROGRESS_INTERVAL")
@@ -145,7 +147,7 @@ def test_credentials_come_from_secret_refs_never_values() -> None:
 
 def test_inputs_read_only_output_read_write() -> None:
     job = training_job(
-        BODY,
+        REF,
         spec(baseModel={"uri": "pvc://models/qwen"}, output={"uri": "pvc://data/out"}, resources={"gpus": 0}),
         1,
         1,
@@ -169,12 +171,12 @@ def test_inputs_read_only_output_read_write() -> None:
     ],
 )
 def test_image(image: str, expected: str) -> None:
-    assert container(training_job(BODY, spec(image=image), 1, 1, SETTINGS))["image"] == expected
-    assert container(validation_job(BODY, spec(image=image), 1, SETTINGS))["image"] == expected
+    assert container(training_job(REF, spec(image=image), 1, 1, SETTINGS))["image"] == expected
+    assert container(validation_job(REF, spec(image=image), 1, SETTINGS))["image"] == expected
 
 
 def test_validation_job_is_small_and_never_retried() -> None:
-    job = validation_job(BODY, spec(), 2, SETTINGS)
+    job = validation_job(REF, spec(), 2, SETTINGS)
     pod = job["spec"]["template"]["spec"]
     c = container(job)
     assert job["metadata"]["name"] == "bot-validate-2"
@@ -193,7 +195,7 @@ def test_file_uris_need_no_volumes() -> None:
         output={"uri": "file:///out"},
         resources={"gpus": 0},
     )
-    pod = training_job(BODY, local, 1, 1, SETTINGS)["spec"]["template"]["spec"]
+    pod = training_job(REF, local, 1, 1, SETTINGS)["spec"]["template"]["spec"]
     assert [v["name"] for v in pod["volumes"]] == ["trainer-config"]
 
 

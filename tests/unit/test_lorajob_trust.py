@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kubelora.api.lorajob import LoRAJobSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.reconcile.lorajob_observed import pod_blocker
 from kubelora.resources.lorajob_jobs import pod_failure_policy, training_job
 
@@ -143,7 +144,7 @@ def test_queued_in_kueue() -> None:
 def test_training_job_failure_policy() -> None:
     spec = LoRAJobSpec.model_validate(SPEC)
     body = World().body
-    manifest = training_job(body, spec, 1, 1, SETTINGS)["spec"]
+    manifest = training_job(ObjectRef.of(body), spec, 1, 1, SETTINGS)["spec"]
     assert manifest["podReplacementPolicy"] == "Failed"
     assert manifest["podFailurePolicy"] == pod_failure_policy()
     rules = {r["action"]: r for r in manifest["podFailurePolicy"]["rules"]}

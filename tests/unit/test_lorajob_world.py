@@ -16,6 +16,7 @@ from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Create, Delete, Suspend
+from kubelora.reconcile.lorajob_object import parse_lorajob
 from kubelora.reconcile.lorajob_observed import observe
 from kubelora.settings import Settings
 
@@ -194,7 +195,7 @@ class World:
         return self
 
     def reconcile(self, now: str = NOW) -> Plan:
-        return reconcile(self.body, observe(self.jobs, self.pods), self.run_config, SETTINGS, now)
+        return reconcile(parse_lorajob(self.body), observe(self.jobs, self.pods), self.run_config, SETTINGS, now)
 
     def apply(self, plan: Plan) -> World:
         self.status = merge(self.status or {}, plan.patch)

@@ -7,6 +7,7 @@ from typing import Any
 
 import kopf
 
+from kubelora.resources.pods import MANAGED_BY, MANAGER
 from kubelora.settings import Settings
 
 SETTINGS = Settings()
@@ -28,6 +29,8 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    # One Pod watch serves both kinds' indexes, so its server-side selector is the label they share.
+    settings.watching.label_selectors["", "v1", "pods"] = f"{MANAGED_BY}={MANAGER}"
     if SETTINGS.peering:
         settings.peering.name = SETTINGS.peering
         settings.peering.mandatory = True

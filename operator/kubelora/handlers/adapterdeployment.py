@@ -25,14 +25,13 @@ from kubelora.handlers.adapterdeployment_loop import Indexes, Key, Supervisor
 from kubelora.handlers.kube import API, apply, patch_status
 from kubelora.reconcile.adapterdeployment_refs import JobView, job_view
 from kubelora.reconcile.adapterdeployment_views import DeploymentView, PodView, deployment_view, pod_view
-from kubelora.resources.pods import DEPLOYMENT_LABEL, MANAGED_BY, MANAGER
+from kubelora.resources.pods import DEPLOYMENT_LABEL
 from kubelora.resources.serving_common import FIELD_MANAGER
 
 AD = (GROUP, VERSION, "adapterdeployments")
 LORAJOBS = (GROUP, VERSION, "lorajobs")
 SERVING = {DEPLOYMENT_LABEL: kopf.PRESENT}
 MEMO_KEY = "kubelora_adapterdeployments"
-POD_SELECTOR = f"{MANAGED_BY}={MANAGER}"
 """The one server-side selector of the operator's Pod watch, shared with the LoRAJob pods (selectors on one
 resource are ANDed): both kinds' pod templates carry app.kubernetes.io/managed-by=kubelora-operator."""
 
@@ -55,7 +54,6 @@ async def adapterdeployment_startup(settings: kopf.OperatorSettings, memo: kopf.
     """kopf passes every index to startup handlers too (empty until the watches fill them)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per agent request otherwise
     settings.watching.label_selectors["apps", "v1", "deployments"] = DEPLOYMENT_LABEL
-    settings.watching.label_selectors["", "v1", "pods"] = POD_SELECTOR
     options = _settings()
     indexes = Indexes(kwargs["lorajob_views"], kwargs["serving_pods"], kwargs["serving_deployments"])
     sup = Supervisor(indexes,

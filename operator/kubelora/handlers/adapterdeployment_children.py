@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from typing import Any
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
 from kubelora.resources.pods import Manifest
 from kubelora.resources.serving_configmap import adapters_configmap, desired_adapters
@@ -28,7 +29,7 @@ APPLIED_KEY = "kubelora_applied"
 """memo key: {"Kind/name": sha256 of the manifest last applied by this process}."""
 
 
-def build_children(body: Mapping[str, Any], spec: AdapterDeploymentSpec, resolved: Sequence[ResolvedAdapter],
+def build_children(owner: ObjectRef, spec: AdapterDeploymentSpec, resolved: Sequence[ResolvedAdapter],
                    *, image: str, pull_policy: str) -> list[Manifest]:
     """Every child, in dependency order: RBAC and ConfigMap before the pods that use them.
 
@@ -36,14 +37,14 @@ def build_children(body: Mapping[str, Any], spec: AdapterDeploymentSpec, resolve
     """
     desired = [d for d in (r.desired for r in resolved) if d is not None]
     children = [
-        agent_service_account(body),
-        agent_role(body),
-        agent_role_binding(body),
-        adapters_configmap(body, desired_adapters(spec, desired)),
-        server_deployment(body, spec, image=image, pull_policy=pull_policy,
+        agent_service_account(owner),
+        agent_role(owner),
+        agent_role_binding(owner),
+        adapters_configmap(owner, desired_adapters(spec, desired)),
+        server_deployment(owner, spec, image=image, pull_policy=pull_policy,
                           adapter_uris=[r.claim_uri for r in resolved]),
-        server_service(body, spec),
-        server_pdb(body),
+        server_service(owner, spec),
+        server_pdb(owner),
     ]
     # Owned through object_meta's controller reference. Not kopf.adopt: it copies the owner's labels, and
     # Argo CD's app.kubernetes.io/instance on a child makes Argo CD prune it as an unknown resource.

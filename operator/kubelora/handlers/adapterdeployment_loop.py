@@ -31,11 +31,13 @@ import kopf
 from pydantic import ValidationError
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploymentStatus, AdapterStatus
-from kubelora.api.common import GROUP, VERSION, now_rfc3339
+from kubelora.api.common import API_VERSION, now_rfc3339
+from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import ConditionType, DeploymentPhase, Reason
 from kubelora.handlers.adapterdeployment_agents import poll_agents
 from kubelora.handlers.adapterdeployment_children import APPLIED_KEY, apply_children, build_children, changed
 from kubelora.handlers.kube import ApiError
+from kubelora.handlers.kube import path as kube_path
 from kubelora.reconcile.adapterdeployment_refs import JobView, ResolvedAdapter, referenced_jobs, resolve_adapters
 from kubelora.reconcile.adapterdeployment_spec import parse_spec, status_patch
 from kubelora.reconcile.adapterdeployment_status import Observed, Refusal, aggregate_status
@@ -235,6 +237,7 @@ class Supervisor:
     # -- one object --------------------------------------------------------------------------------------
     async def tick(self, key: Key, tracked: Tracked) -> AdapterDeploymentStatus:
         body = tracked.body
+        ref = ObjectRef.of(body)
         spec, invalid = parse_spec(body)
         resolved: list[ResolvedAdapter] = []
         reports: list[ReplicaReport] = []
@@ -244,15 +247,15 @@ class Supervisor:
         if spec is not None:
             resolved = resolve_adapters(spec, self._jobs(key[0], spec), _served(body))
             self._forget_applied(tracked, deployment_missing=deployment is None)
-            invalid, refused = await self._sync(body, spec, resolved, tracked)
+            invalid, refused = await self._sync(ref, body, spec, resolved, tracked)
             if invalid is None and refused is None:
                 reports = await poll_agents(pods, self.client)
-        obs = self._observed(body, spec, invalid, refused, resolved, deployment, pods, reports)
+        obs = self._observed(ref, body, spec, invalid, refused, resolved, deployment, pods, reports)
         new = aggregate_status(obs, _previous(body), now_rfc3339())
         diff = status_patch(body.get("status"), new)
         old_phase = (body.get("status") or {}).get("phase")
         if diff is not None:
-            await self._write(body, diff, new)
+            await self._write(ref, body, diff, new)
         self._announce(body, old_phase, new, tracked)
         ready = _condition(new, ConditionType.READY)[0] == "True"
         if refused is not None and refused.persistent:
@@ -277,16 +280,15 @@ class Supervisor:
             tracked.memo.pop(APPLIED_KEY, None)
             tracked.memo[RESYNC_KEY] = now + RESYNC_SECONDS
 
-    async def _sync(self, body: Mapping[str, Any], spec: AdapterDeploymentSpec, resolved: list[ResolvedAdapter],
-                    tracked: Tracked) -> tuple[str | None, Refusal | None]:
+    async def _sync(self, ref: ObjectRef, body: Mapping[str, Any], spec: AdapterDeploymentSpec,
+                    resolved: list[ResolvedAdapter], tracked: Tracked) -> tuple[str | None, Refusal | None]:
         """Apply the children that changed; returns (an InvalidSpec message, a refusal), both None when applied."""
         image = spec.vllm.image or self.image
-        inputs = copy.deepcopy((body["metadata"].get("uid"), body.get("spec"), tuple(resolved), image,
-                                self.pull_policy))
+        inputs = copy.deepcopy((ref.uid, body.get("spec"), tuple(resolved), image, self.pull_policy))
         if tracked.memo.get(INPUTS_KEY) == inputs:
             return None, None
         try:
-            children = build_children(body, spec, resolved, image=image, pull_policy=self.pull_policy)
+            children = build_children(ref, spec, resolved, image=image, pull_policy=self.pull_policy)
         except ServingSpecError as exc:
             return str(exc), None
         todo = changed(children, tracked.memo)
@@ -294,23 +296,21 @@ class Supervisor:
             try:
                 applied = await apply_children(todo, tracked.memo, self.apply)
             except ApiError as exc:
-                log.warning("AdapterDeployment %s/%s: %s", body["metadata"]["namespace"], body["metadata"]["name"],
-                            exc)
+                log.warning("AdapterDeployment %s/%s: %s", ref.namespace, ref.name, exc)
                 return None, refusal(exc)
-            log.info("AdapterDeployment %s/%s: applied %s", body["metadata"]["namespace"],
-                     body["metadata"]["name"], ", ".join(applied))
+            log.info("AdapterDeployment %s/%s: applied %s", ref.namespace, ref.name, ", ".join(applied))
         tracked.memo[INPUTS_KEY] = inputs
         return None, None
 
-    def _observed(self, body: Mapping[str, Any], spec: AdapterDeploymentSpec | None, invalid: str | None,
-                  refused: Refusal | None, resolved: list[ResolvedAdapter], deployment: DeploymentView | None,
-                  pods: list[PodView], reports: list[ReplicaReport]) -> Observed:
-        raw_spec = body.get("spec") or {}
+    def _observed(self, ref: ObjectRef, body: Mapping[str, Any], spec: AdapterDeploymentSpec | None,
+                  invalid: str | None, refused: Refusal | None, resolved: list[ResolvedAdapter],
+                  deployment: DeploymentView | None, pods: list[PodView], reports: list[ReplicaReport]) -> Observed:
+        raw_spec = body.get("spec") or {}  # what an invalid spec still says about replicas and adapters
         port = spec.service.port if spec else int((raw_spec.get("service") or {}).get("port") or 8000)
         return Observed(
-            generation=int(body["metadata"].get("generation") or 0),
+            generation=ref.generation,
             desired_replicas=spec.replicas if spec else int(raw_spec.get("replicas") or 0),
-            endpoint=endpoint(body, port),
+            endpoint=endpoint(ref, port),
             desired_adapters=len(raw_spec.get("adapters") or []),
             resolved=resolved if invalid is None else [],
             deployment=deployment,
@@ -318,16 +318,16 @@ class Supervisor:
             invalid=invalid,
             refused=refused,
             pods=pods,
-            selector=selector_string(body["metadata"]["name"]),
+            selector=selector_string(ref.name),
         )
 
-    async def _write(self, body: dict[str, Any], diff: dict[str, Any], new: AdapterDeploymentStatus) -> None:
-        meta = body["metadata"]
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{meta['namespace']}/adapterdeployments/{meta['name']}"
+    async def _write(self, ref: ObjectRef, body: dict[str, Any], diff: dict[str, Any],
+                     new: AdapterDeploymentStatus) -> None:
+        path = kube_path(API_VERSION, "AdapterDeployment", ref.namespace, ref.name)
         try:
             await self.patch_status(path, diff)
         except ApiError as exc:  # retried on the next tick (the stored status is still the old one)
-            log.warning("AdapterDeployment %s/%s: status not written: %s", meta["namespace"], meta["name"], exc)
+            log.warning("AdapterDeployment %s/%s: status not written: %s", ref.namespace, ref.name, exc)
             return
         body["status"] = new.wire()  # until the watch brings the object back: no second identical write
 

@@ -60,8 +60,7 @@ def reconciler() -> Reconciler:
 @kopf.on.startup()
 async def lorajob_startup(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
     global _reconciler
-    # Server-side filtering: only our Jobs reach the operator. (Pods are left to client-side label
-    # filters, since AdapterDeployment pods are watched too and selectors on one resource are ANDed.)
+    # Server-side filtering: only our Jobs reach the operator (Pods: see handlers.__init__).
     import kubelora.handlers as package  # the package imports this module: read it at start time
 
     settings.watching.label_selectors["batch", "jobs"] = LORAJOB_LABEL

@@ -22,11 +22,13 @@ from typing import Any
 import kopf
 
 from kubelora.api.common import now_rfc3339
+from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.handlers.kube import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete
+from kubelora.reconcile.lorajob_object import LoRAJobObject, parse_lorajob
 from kubelora.reconcile.lorajob_observed import Observed, controller_uid, job_state, pod_state
 from kubelora.reconcile.lorajob_status import TERMINAL, blocked_status, status_patch
 from kubelora.resources.lorajob_config import parse_trainer_config_map
@@ -131,9 +133,10 @@ class Reconciler:
                 return
             if body["metadata"].get("deletionTimestamp"):
                 return  # garbage collection removes the children; nothing to report any more
-            observed = await self._fill_gaps(body, observe(name))
-            plan = reconcile(body, observed, await self._run_config(body), self.settings, now_rfc3339())
-            if not await self._apply(body, plan):
+            job = parse_lorajob(body)
+            observed = await self._fill_gaps(job, observe(name))
+            plan = reconcile(job, observed, await self._run_config(job), self.settings, now_rfc3339())
+            if not await self._apply(job, plan):
                 return
             if not plan.requeue:
                 return
@@ -143,38 +146,38 @@ class Reconciler:
         self._failures.pop(key, None)
         self._warned.pop(key, None)
 
-    async def _fill_gaps(self, body: Mapping[str, Any], observed: Observed) -> Observed:
+    async def _fill_gaps(self, job: LoRAJobObject, observed: Observed) -> Observed:
         """Read directly what the index may not show yet: Jobs named in the status, pods of finished Jobs."""
-        status = body.get("status") or {}
-        if status.get("phase") in TERMINAL:
+        status = job.status
+        if status.phase in TERMINAL:
             return observed
-        namespace = body["metadata"]["namespace"]
+        namespace = job.ref.namespace
         jobs, pods = list(observed.jobs), list(observed.pods)
-        for name in {status.get("jobName"), status.get("validationJobName")} - {None}:
+        for name in {status.job_name, status.validation_job_name} - {None}:
+            assert name is not None
             if observed.job(name) is None:
                 try:
                     jobs.append(job_state(await self.api.request("GET", path("batch/v1", "Job", namespace, name))))
                 except ApiError as exc:
                     if exc.status != 404:
                         raise
-        for job in jobs:
-            if job.finished and not any(p.termination for p in observed.pods_of(job.name)):
+        for child in jobs:
+            if child.finished and not any(p.termination for p in observed.pods_of(child.name)):
                 listed = await self.api.request("GET", path("v1", "Pod", namespace),
-                                                params={"labelSelector": f"{JOB_NAME_LABEL}={job.name}"})
-                pods = [p for p in pods if p.job_name != job.name] + [pod_state(p) for p in listed.get("items", [])]
+                                                params={"labelSelector": f"{JOB_NAME_LABEL}={child.name}"})
+                pods = [p for p in pods if p.job_name != child.name] + [pod_state(p) for p in listed.get("items", [])]
         return replace(observed, jobs=tuple(jobs), pods=tuple(pods))
 
-    async def _run_config(self, body: Mapping[str, Any]) -> TrainerRunConfig | None:
+    async def _run_config(self, job: LoRAJobObject) -> TrainerRunConfig | None:
         """The frozen spec of the current revision; only needed once the spec moved on from it."""
-        meta = body["metadata"]
-        revision = (body.get("status") or {}).get("revision")
-        if not isinstance(revision, int) or revision == meta.get("generation"):
+        revision = job.status.revision
+        if revision is None or revision == job.ref.generation:
             return None
-        cache_key = (str(meta.get("uid")), revision)
+        cache_key = (job.ref.uid, revision)
         if cache_key not in self._configs:
             try:
                 config_map = await self.api.request(
-                    "GET", path("v1", "ConfigMap", meta["namespace"], trainer_config_name(meta["name"], revision)))
+                    "GET", path("v1", "ConfigMap", job.ref.namespace, trainer_config_name(job.ref.name, revision)))
             except ApiError as exc:
                 if exc.status != 404:
                     raise
@@ -238,38 +241,37 @@ class Reconciler:
                           "deleted by the garbage collector", retry=2.0)
         raise Blocked(Reason.NAME_CONFLICT, f"{what} exists and is not owned by this LoRAJob; delete or rename it")
 
-    async def _apply(self, body: Mapping[str, Any], plan: Plan) -> bool:
+    async def _apply(self, job: LoRAJobObject, plan: Plan) -> bool:
         """Act, then patch the status; False when the LoRAJob is gone.
 
         When an action is refused for good, the status says so (Stalled) instead of recording a plan
         that never happened, and one Warning Event per distinct problem tells the user what to fix.
         """
-        meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
+        ref = job.ref
+        key = (ref.namespace, ref.name)
         try:
             for action in plan.actions:
-                await self._act(meta["namespace"], action)
+                await self._act(ref.namespace, action)
         except Blocked as exc:
-            await self._patch_status(body, status_patch(body.get("status"), blocked_status(
-                body.get("status"), exc.reason, exc.message, now_rfc3339())))
+            await self._patch_status(ref, status_patch(job.stored_status, blocked_status(
+                job.stored_status, exc.reason, exc.message, now_rfc3339())))
             if self._warned.get(key) != exc.message:
                 self._warned[key] = exc.message
-                warn(body, exc.reason, exc.message)
+                warn(ref, exc.reason, exc.message)
             raise
         self._warned.pop(key, None)
-        if not await self._patch_status(body, plan.patch):
+        if not await self._patch_status(ref, plan.patch):
             return False
         if plan.transitioned:
-            post_transition(body, plan)
+            post_transition(ref, plan)
         return True
 
-    async def _patch_status(self, body: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    async def _patch_status(self, ref: ObjectRef, patch: Mapping[str, Any]) -> bool:
         """Merge-patch the status (nothing when empty); False when the LoRAJob is gone."""
         if not patch:
             return True
-        meta = body["metadata"]
         try:
-            await self.api.request("PATCH", path(LORAJOB_API, "LoRAJob", meta["namespace"], meta["name"], "status"),
+            await self.api.request("PATCH", path(LORAJOB_API, "LoRAJob", ref.namespace, ref.name, "status"),
                                    {"status": dict(patch)}, content_type=MERGE_PATCH)
         except ApiError as exc:
             if exc.status == 404:
@@ -278,16 +280,16 @@ class Reconciler:
         return True
 
 
-def warn(body: Mapping[str, Any], reason: str, message: str) -> None:
+def warn(ref: ObjectRef, reason: str, message: str) -> None:
     with contextlib.suppress(LookupError):  # outside a running operator (unit tests): kopf has no event queue
-        kopf.warn(kopf.Body(dict(body)), reason=reason, message=message)  # type: ignore[arg-type]
+        kopf.warn(kopf.Body(ref.event_body()), reason=reason, message=message)  # type: ignore[arg-type]
 
 
-def post_transition(body: Mapping[str, Any], plan: Plan) -> None:
+def post_transition(ref: ObjectRef, plan: Plan) -> None:
     """One Event per phase change. kopf.event, not kopf.info: the operator posts only warnings by level."""
     message = f"{plan.old_phase or 'New'} -> {plan.phase}: {plan.message}"
-    log.info("LoRAJob %s/%s %s", body["metadata"]["namespace"], body["metadata"]["name"], message)
-    obj = kopf.Body(dict(body))  # type: ignore[arg-type]
+    log.info("LoRAJob %s/%s %s", ref.namespace, ref.name, message)
+    obj = kopf.Body(ref.event_body())  # type: ignore[arg-type]
     try:
         if plan.phase == JobPhase.FAILED:
             kopf.warn(obj, reason=plan.phase, message=message)

@@ -30,21 +30,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
-
-from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec, LoRAJobStatus
+from kubelora.api.lorajob import LoRAJobSpec, LoRAJobStatus
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob_actions import Action, Delete
+from kubelora.reconcile.lorajob_object import LoRAJobObject, clip
 from kubelora.reconcile.lorajob_observed import Observed
-from kubelora.reconcile.lorajob_run import RunInput, RunStep, advance, clip
+from kubelora.reconcile.lorajob_run import RunInput, RunStep, advance
 from kubelora.reconcile.lorajob_status import (
     TERMINAL,
     Drift,
     Outcome,
     Verdict,
     conditions,
-    parse_status,
     status_patch,
     terminal_outcome,
 )
@@ -95,17 +93,6 @@ def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     return bool(status.get("observedGeneration") != body["metadata"].get("generation") or not status.get("phase"))
 
 
-def published_adapter(progress: Mapping[str, Any] | None) -> AdapterInfo | None:
-    """The adapter the trainer recorded in ``status.progress`` (None if absent or malformed)."""
-    raw = (progress or {}).get("adapter")
-    if not isinstance(raw, Mapping):
-        return None
-    try:
-        return AdapterInfo.model_validate(raw)
-    except ValidationError:
-        return None
-
-
 def training_changes(current: LoRAJobSpec, trained: LoRAJobSpec) -> list[str]:
     """Dotted manifest paths (``spec.training.learningRate``) of training fields that differ."""
     return _diff(trained.training_fields(), current.training_fields(), "spec")
@@ -124,15 +111,6 @@ def with_training_fields(current: LoRAJobSpec, trained: LoRAJobSpec) -> LoRAJobS
     return current.model_copy(update={name: getattr(trained, name) for name in names})
 
 
-def pydantic_message(exc: ValidationError) -> str:
-    """One line per error, located by manifest path: ``spec.dataset: set either evalSplit or evalUri``."""
-    lines = []
-    for err in exc.errors():
-        where = ".".join(["spec", *(str(p) for p in err["loc"])])
-        lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(lines)
-
-
 def describe_changes(changes: list[str]) -> str:
     """The changed paths for a message: at most five, then a count."""
     return ", ".join(changes[:5]) + (f" and {len(changes) - 5} more" if len(changes) > 5 else "")
@@ -144,25 +122,16 @@ def _immutable_message(changes: list[str], revision: int) -> str:
             "run, or delete and re-create the LoRAJob to start over now")
 
 
-def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRunConfig | None,
+def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConfig | None,
               settings: Settings, now: str) -> Plan:
     """Compute the next status and the children to create or delete.
 
     ``run_config`` is the content of the current revision's ConfigMap when the caller has it (it is
     needed only when ``metadata.generation`` differs from ``status.revision``); ``now`` is RFC 3339.
     """
-    generation = int(body["metadata"].get("generation") or 1)
-    observed = observed.owned_by(str(body["metadata"].get("uid") or ""))
-    raw_status: Mapping[str, Any] = body.get("status") or {}
-    raw_progress = raw_status.get("progress")
-    progress = raw_progress if isinstance(raw_progress, dict) else None
-    raw_spec = body.get("spec") or {}
-    old = parse_status(raw_status)
-    try:
-        spec: LoRAJobSpec | None = LoRAJobSpec.model_validate(raw_spec)
-        invalid = ""
-    except ValidationError as exc:
-        spec, invalid = None, clip(pydantic_message(exc))
+    generation = job.ref.generation
+    observed = observed.owned_by(job.ref.uid)
+    raw_status, progress, old, spec, invalid = job.stored_status, job.progress, job.status, job.spec, job.invalid
 
     have_config = run_config is not None and run_config.revision == old.revision
     trained = run_config.spec if have_config and run_config is not None else spec
@@ -171,7 +140,7 @@ def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRu
     status, actions, progress_patch = old, list[Action](), dict[str, Any]()
     if spec is not None and (old.revision is None or (changes and (old.phase in TERMINAL or not_started))):
         if old.revision is not None and not_started:
-            actions.append(Delete("batch/v1", "Job", validation_job_name(body["metadata"]["name"], old.revision)))
+            actions.append(Delete("batch/v1", "Job", validation_job_name(job.ref.name, old.revision)))
         status = LoRAJobStatus(revision=generation, conditions=old.conditions,
                                last_succeeded_adapter=old.last_succeeded_adapter)
         trained, changes = spec, []
@@ -193,10 +162,9 @@ def reconcile(body: Mapping[str, Any], observed: Observed, run_config: TrainerRu
         assert status.revision is not None
         effective = with_training_fields(spec, trained) if spec and trained and changes else (spec or trained)
         step = advance(RunInput(
-            body=body, status=status, revision=status.revision, spec=effective,
-            suspend=raw_spec.get("suspend") is True, observed=observed, settings=settings, now=now,
-            last_checkpoint=str(progress["lastCheckpoint"]) if progress and progress.get("lastCheckpoint") else None,
-            published=published_adapter(progress)))
+            job=job.ref, status=status, revision=status.revision, spec=effective, suspend=job.suspend,
+            observed=observed, settings=settings, now=now, last_checkpoint=job.last_checkpoint,
+            published=job.published))
     outcome = step.outcome
     new = status.model_copy(update={
         **step.updates, "phase": outcome.phase, "observed_generation": generation, "message": outcome.message,

@@ -10,14 +10,15 @@ so repeating a step after a crash or an index lag costs a 409 and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec, LoRAJobStatus
+from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import TrainerResult
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete, Suspend
+from kubelora.reconcile.lorajob_object import clip
 from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState
 from kubelora.reconcile.lorajob_status import (
     PREFLIGHT_REASONS,
@@ -32,13 +33,10 @@ from kubelora.resources.lorajob_jobs import training_job, validation_job
 from kubelora.resources.lorajob_names import training_job_name, validation_job_name
 from kubelora.settings import Settings
 
-MESSAGE_LIMIT = 1024
-"""Status messages are cut here: a log tail must not bloat every status patch."""
-
 
 @dataclass(frozen=True)
 class RunInput:
-    body: Mapping[str, Any]
+    job: ObjectRef
     status: LoRAJobStatus
     revision: int
     spec: LoRAJobSpec | None
@@ -57,11 +55,6 @@ class RunStep:
     outcome: Outcome
     updates: dict[str, Any] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
-
-
-def clip(text: str) -> str:
-    text = " ".join(text.split()) if "\n" in text else text.strip()
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
 
 
 def preflight_message(vname: str) -> str:
@@ -90,7 +83,7 @@ def _result(pod: PodState | None) -> TrainerResult | None:
 
 def _validation(run: RunInput) -> Verdict | Outcome | list[Action]:
     """The pre-flight verdict, the failed Outcome, or the creates that start pre-flight."""
-    name = run.body["metadata"]["name"]
+    name = run.job.name
     vname = validation_job_name(name, run.revision)
     old = condition(run.status, ConditionType.VALIDATED)
     if run.status.job_name is not None or run.status.phase == JobPhase.RUNNING:
@@ -100,8 +93,8 @@ def _validation(run: RunInput) -> Verdict | Outcome | list[Action]:
     if vjob is None:
         if run.spec is None:
             return []
-        return [Create(trainer_config_map(run.body, run.revision, run.spec)),
-                Create(validation_job(run.body, run.spec, run.revision, run.settings))]
+        return [Create(trainer_config_map(run.job, run.revision, run.spec)),
+                Create(validation_job(run.job, run.spec, run.revision, run.settings))]
     pods = run.observed.pods_of(vname)
     failed, passed = _last(pods, "Failed"), _last(pods, "Succeeded")
     result = _result(failed or passed)
@@ -208,8 +201,8 @@ def _current_job(run: RunInput) -> JobState | None:
 
 def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
     """Create a training Job (first start, or resume after suspend) unless an old pod still runs."""
-    generation = int(run.body["metadata"].get("generation") or 1)
-    name = training_job_name(run.body["metadata"]["name"], generation)
+    generation = run.job.generation
+    name = training_job_name(run.job.name, generation)
     phase = JobPhase.SUSPENDED if run.status.phase == JobPhase.SUSPENDED else JobPhase.RUNNING
     waiting = run.observed.live_training_pods(run.revision)
     if waiting or run.observed.job(name) is not None:
@@ -219,11 +212,11 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
                                message, verdict))
     if run.spec is None:
         return RunStep(Outcome(phase, Reason.JOB_CREATED, "waiting for a valid spec to start training", verdict))
-    actions: list[Action] = [Create(m) for m in trainer_identity(run.body)]
-    if run.observed.job(validation_job_name(run.body["metadata"]["name"], run.revision)) is None:
+    actions: list[Action] = [Create(m) for m in trainer_identity(run.job)]
+    if run.observed.job(validation_job_name(run.job.name, run.revision)) is None:
         # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
-        actions.append(Create(trainer_config_map(run.body, run.revision, run.spec)))
-    actions.append(Create(training_job(run.body, run.spec, run.revision, generation, run.settings)))
+        actions.append(Create(trainer_config_map(run.job, run.revision, run.spec)))
+    actions.append(Create(training_job(run.job, run.spec, run.revision, generation, run.settings)))
     updates = {"job_name": name, "attempts": 1, "start_time": run.status.start_time or run.now,
                "completion_time": None}
     message = f"training Job {name} created; waiting for its pod to start"  # as _running says: no rewrite
@@ -246,7 +239,7 @@ def _suspend(run: RunInput, verdict: Verdict) -> RunStep:
 
 def advance(run: RunInput) -> RunStep:
     """The next step of an unfinished run."""
-    name = run.body["metadata"]["name"]
+    name = run.job.name
     vname = validation_job_name(name, run.revision)
     checked = _validation(run)
     if isinstance(checked, Outcome):
@@ -282,4 +275,4 @@ def advance(run: RunInput) -> RunStep:
     return step
 
 
-__all__ = ["RunInput", "RunStep", "advance", "clip"]
+__all__ = ["RunInput", "RunStep", "advance"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from kubelora.api.common import GROUP
 from kubelora.api.lorajob import LoRAJobSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import TrainerRunConfig
 from kubelora.resources.lorajob_names import (
     CONFIG_COMPONENT,
@@ -31,19 +32,18 @@ CONFIG_KEY = "job.json"
 STATUS_RESOURCE = "lorajobs/status"
 
 
-def run_config(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec) -> TrainerRunConfig:
-    meta = body["metadata"]
-    return TrainerRunConfig(name=meta["name"], namespace=meta["namespace"], revision=revision, spec=spec)
+def run_config(job: ObjectRef, revision: int, spec: LoRAJobSpec) -> TrainerRunConfig:
+    return TrainerRunConfig(name=job.name, namespace=job.namespace, revision=revision, spec=spec)
 
 
-def trainer_config_map(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec) -> Manifest:
+def trainer_config_map(job: ObjectRef, revision: int, spec: LoRAJobSpec) -> Manifest:
     """ConfigMap ``<job>-trainer-<revision>`` holding ``job.json``, mounted at /etc/kubelora in the pods."""
-    name = body["metadata"]["name"]
-    config = run_config(body, revision, spec)
+    name = job.name
+    config = run_config(job, revision, spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": object_meta(trainer_config_name(name, revision), body,
+        "metadata": object_meta(trainer_config_name(name, revision), job,
                                 child_labels(name, CONFIG_COMPONENT, revision)),
         "immutable": True,
         "data": {CONFIG_KEY: config.model_dump_json(by_alias=True, exclude_none=True)},
@@ -61,22 +61,22 @@ def parse_trainer_config_map(config_map: Mapping[str, Any]) -> TrainerRunConfig 
         return None
 
 
-def trainer_service_account(body: Mapping[str, Any]) -> Manifest:
-    name = body["metadata"]["name"]
+def trainer_service_account(job: ObjectRef) -> Manifest:
+    name = job.name
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": object_meta(trainer_identity_name(name), body, child_labels(name, IDENTITY_COMPONENT)),
+        "metadata": object_meta(trainer_identity_name(name), job, child_labels(name, IDENTITY_COMPONENT)),
     }
 
 
-def trainer_role(body: Mapping[str, Any]) -> Manifest:
+def trainer_role(job: ObjectRef) -> Manifest:
     """get/patch on ``lorajobs/status`` of this one LoRAJob: all the trainer needs to publish progress."""
-    name = body["metadata"]["name"]
+    name = job.name
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": object_meta(trainer_identity_name(name), body, child_labels(name, IDENTITY_COMPONENT)),
+        "metadata": object_meta(trainer_identity_name(name), job, child_labels(name, IDENTITY_COMPONENT)),
         "rules": [{
             "apiGroups": [GROUP],
             "resources": [STATUS_RESOURCE],
@@ -86,18 +86,17 @@ def trainer_role(body: Mapping[str, Any]) -> Manifest:
     }
 
 
-def trainer_role_binding(body: Mapping[str, Any]) -> Manifest:
-    meta = body["metadata"]
-    identity = trainer_identity_name(meta["name"])
+def trainer_role_binding(job: ObjectRef) -> Manifest:
+    identity = trainer_identity_name(job.name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": object_meta(identity, body, child_labels(meta["name"], IDENTITY_COMPONENT)),
+        "metadata": object_meta(identity, job, child_labels(job.name, IDENTITY_COMPONENT)),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": identity},
-        "subjects": [{"kind": "ServiceAccount", "name": identity, "namespace": meta["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": identity, "namespace": job.namespace}],
     }
 
 
-def trainer_identity(body: Mapping[str, Any]) -> list[Manifest]:
+def trainer_identity(job: ObjectRef) -> list[Manifest]:
     """ServiceAccount, Role, RoleBinding: in creation order (the binding refers to the other two)."""
-    return [trainer_service_account(body), trainer_role(body), trainer_role_binding(body)]
+    return [trainer_service_account(job), trainer_role(job), trainer_role_binding(job)]

@@ -23,10 +23,10 @@ Kueue unsuspends it when its ClusterQueue has quota.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from kubelora.api.common import Resources
 from kubelora.api.lorajob import LoRAJobSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import EXIT_BAD_INPUT, EXIT_STOPPED, TRAINER_CONFIG_PATH
 from kubelora.api.uris import FileURI, PvcURI, parse_uri
 from kubelora.resources.lorajob_names import (
@@ -42,6 +42,7 @@ from kubelora.resources.lorajob_names import (
 )
 from kubelora.resources.pods import (
     MANAGED_BY,
+    MANAGER,
     PART_OF,
     QUEUE_LABEL,
     Manifest,
@@ -88,10 +89,10 @@ def _input_uris(spec: LoRAJobSpec) -> list[str | None]:
     return [spec.base_model.uri, spec.dataset.uri, spec.dataset.eval_uri]
 
 
-def _volumes(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, gpus: int) -> tuple[
+def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int) -> tuple[
         list[Manifest], list[Manifest]]:
     """Config at /etc/kubelora, input claims read-only, the output claim read-write, /dev/shm for GPUs."""
-    config = trainer_config_name(body["metadata"]["name"], revision)
+    config = trainer_config_name(job.name, revision)
     volumes: list[Manifest] = [{"name": CONFIG_VOLUME, "configMap": {"name": config}}]
     mounts: list[Manifest] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}]
     out_claims = pvc_claims([spec.output.uri])
@@ -121,11 +122,11 @@ def _credentials(spec: LoRAJobSpec) -> list[Manifest]:
                        if uri and not isinstance(parse_uri(uri), PvcURI | FileURI)))
 
 
-def _pod_template(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, settings: Settings, *,
+def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Settings, *,
                   component: str, command: list[str], resources: Resources, base_requests: Mapping[str, str],
                   service_account: str | None) -> Manifest:
-    name = body["metadata"]["name"]
-    volumes, mounts = _volumes(body, revision, spec, resources.gpus)
+    name = job.name
+    volumes, mounts = _volumes(job, revision, spec, resources.gpus)
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": trainer_image(spec, settings),
@@ -152,20 +153,19 @@ def _pod_template(body: Mapping[str, Any], revision: int, spec: LoRAJobSpec, set
     }
     if service_account is not None:
         pod["serviceAccountName"] = service_account
-    labels = {PART_OF: "kubelora", MANAGED_BY: "kubelora-operator", **child_labels(name, component, revision)}
+    labels = {PART_OF: "kubelora", MANAGED_BY: MANAGER, **child_labels(name, component, revision)}
     return {"metadata": {"labels": labels, "annotations": {NAME_ANNOTATION: name}}, "spec": pod}
 
 
-def _job(body: Mapping[str, Any], job_name: str, component: str, revision: int, template: Manifest, *,
+def _job(owner: ObjectRef, job_name: str, component: str, revision: int, template: Manifest, *,
          backoff_limit: int, deadline: int, queue: str | None = None, suspend: bool = False) -> Manifest:
-    name = body["metadata"]["name"]
-    labels = child_labels(name, component, revision)
+    labels = child_labels(owner.name, component, revision)
     if queue:
         labels[QUEUE_LABEL] = queue
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": object_meta(job_name, body, labels),
+        "metadata": object_meta(job_name, owner, labels),
         "spec": {
             "backoffLimit": backoff_limit,
             "activeDeadlineSeconds": deadline,
@@ -179,24 +179,24 @@ def _job(body: Mapping[str, Any], job_name: str, component: str, revision: int, 
     }
 
 
-def training_job(body: Mapping[str, Any], spec: LoRAJobSpec, revision: int, generation: int,
+def training_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, generation: int,
                  settings: Settings) -> Manifest:
     """Job ``<job>-train-<generation>``: trains ``revision`` (whose config is already in its ConfigMap)."""
-    name = body["metadata"]["name"]
-    template = _pod_template(body, revision, spec, settings, component=TRAINER_COMPONENT,
+    name = job.name
+    template = _pod_template(job, revision, spec, settings, component=TRAINER_COMPONENT,
                              command=list(TRAIN_COMMAND), resources=spec.resources, base_requests={},
                              service_account=trainer_identity_name(name))
-    return _job(body, training_job_name(name, generation), TRAINER_COMPONENT, revision, template,
+    return _job(job, training_job_name(name, generation), TRAINER_COMPONENT, revision, template,
                 backoff_limit=spec.backoff_limit, deadline=spec.active_deadline_seconds, queue=spec.queue_name,
                 suspend=spec.suspend)
 
 
-def validation_job(body: Mapping[str, Any], spec: LoRAJobSpec, revision: int, settings: Settings) -> Manifest:
+def validation_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, settings: Settings) -> Manifest:
     """Job ``<job>-validate-<revision>``: reads the dataset and base model, no GPU, never retried."""
-    name = body["metadata"]["name"]
+    name = job.name
     resources = spec.resources.model_copy(update={"gpus": 0, "requests": {}, "limits": dict(PREFLIGHT_LIMITS)})
-    template = _pod_template(body, revision, spec, settings, component=PREFLIGHT_COMPONENT,
+    template = _pod_template(job, revision, spec, settings, component=PREFLIGHT_COMPONENT,
                              command=[*TRAIN_COMMAND, VALIDATE_FLAG], resources=resources,
                              base_requests=PREFLIGHT_REQUESTS, service_account=None)
-    return _job(body, validation_job_name(name, revision), PREFLIGHT_COMPONENT, revision, template,
+    return _job(job, validation_job_name(name, revision), PREFLIGHT_COMPONENT, revision, template,
                 backoff_limit=0, deadline=spec.active_deadline_seconds)

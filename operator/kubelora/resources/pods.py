@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kubelora.api.common import API_VERSION, Resources
+from kubelora.api.common import Resources
+from kubelora.api.meta import ObjectRef
 from kubelora.api.uris import DEFAULT_PVC_ROOT, S3URI, HfURI, PvcURI, parse_uri
 
 Manifest = dict[str, Any]
@@ -15,32 +16,18 @@ MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "kubelora-operator"
 """The managed-by value on every child, pods included: the operator's Pod watch selects on it."""
 COMPONENT = "app.kubernetes.io/component"
-INSTANCE = "app.kubernetes.io/instance"
 LORAJOB_LABEL = "kubelora.io/lorajob"
 DEPLOYMENT_LABEL = "kubelora.io/adapterdeployment"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 """Kueue's label: a Job carrying it is admitted (unsuspended) by Kueue when its LocalQueue has quota."""
 
 
-def owner_reference(body: Mapping[str, Any]) -> Manifest:
-    """The controller reference that makes garbage collection remove children with their owner."""
-    meta = body["metadata"]
-    return {
-        "apiVersion": body.get("apiVersion", API_VERSION),
-        "kind": body["kind"],
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def object_meta(name: str, body: Mapping[str, Any], labels: Mapping[str, str]) -> Manifest:
+def object_meta(name: str, owner: ObjectRef, labels: Mapping[str, str]) -> Manifest:
     return {
         "name": name,
-        "namespace": body["metadata"]["namespace"],
+        "namespace": owner.namespace,
         "labels": {PART_OF: "kubelora", MANAGED_BY: MANAGER, **labels},
-        "ownerReferences": [owner_reference(body)],
+        "ownerReferences": [owner.owner_reference()],
     }
 
 

@@ -11,9 +11,7 @@ Argo CD tracks its Applications' resources by that label and would prune childre
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
+from kubelora.api.meta import ObjectRef
 from kubelora.resources.pods import APP_LABEL, COMPONENT, DEPLOYMENT_LABEL, MANAGED_BY, MANAGER, PART_OF
 
 ENGINE_CONTAINER = "engine"
@@ -63,7 +61,6 @@ def child_labels(ad_name: str, component: str) -> dict[str, str]:
     return {APP_LABEL: SERVER_APP, DEPLOYMENT_LABEL: ad_name, COMPONENT: component}
 
 
-def endpoint(body: Mapping[str, Any], port: int) -> str:
+def endpoint(owner: ObjectRef, port: int) -> str:
     """The in-cluster OpenAI base URL clients use."""
-    meta = body["metadata"]
-    return f"http://{meta['name']}.{meta['namespace']}.svc:{port}/v1"
+    return f"http://{owner.name}.{owner.namespace}.svc:{port}/v1"

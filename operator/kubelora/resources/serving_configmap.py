@@ -7,10 +7,10 @@ it and load/unload at runtime, so serving pods are never restarted for an adapte
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import DESIRED_ADAPTERS_KEY, DesiredAdapter, DesiredAdapters
 from kubelora.resources.pods import Manifest, object_meta
 from kubelora.resources.serving_common import child_labels, configmap_name
@@ -33,11 +33,11 @@ def render_desired(desired: DesiredAdapters) -> str:
     return json.dumps(desired.wire(), sort_keys=True, separators=(",", ":"))
 
 
-def adapters_configmap(body: Mapping[str, Any], desired: DesiredAdapters) -> Manifest:
-    name = body["metadata"]["name"]
+def adapters_configmap(owner: ObjectRef, desired: DesiredAdapters) -> Manifest:
+    name = owner.name
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": object_meta(configmap_name(name), body, child_labels(name, "adapters")),
+        "metadata": object_meta(configmap_name(name), owner, child_labels(name, "adapters")),
         "data": {DESIRED_ADAPTERS_KEY: render_desired(desired)},
     }

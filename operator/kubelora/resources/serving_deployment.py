@@ -24,6 +24,7 @@ from typing import Any
 
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
 from kubelora.api.common import Resources
+from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import ADAPTER_CACHE_DIR
 from kubelora.resources.pods import (
     Manifest,
@@ -168,16 +169,16 @@ def pod_template(ad_name: str, spec: AdapterDeploymentSpec, image: str, pull_pol
     return template
 
 
-def server_deployment(body: Mapping[str, Any], spec: AdapterDeploymentSpec, *, image: str,
+def server_deployment(owner: ObjectRef, spec: AdapterDeploymentSpec, *, image: str,
                       pull_policy: str = "IfNotPresent", adapter_uris: Iterable[str | None] = ()) -> Manifest:
     """The Deployment; ``image`` is vllm.image or the operator's default server image.
 
     ``adapter_uris`` only contributes the claims of pvc:// adapters; every other property of the adapters
     is ignored here on purpose.
     """
-    name = body["metadata"]["name"]
+    name = owner.name
     template = pod_template(name, spec, image, pull_policy, mounted_claims(spec, adapter_uris))
-    meta = object_meta(name, body, server_labels(name))
+    meta = object_meta(name, owner, server_labels(name))
     meta["annotations"] = {TEMPLATE_HASH_ANNOTATION: template["metadata"]["annotations"][TEMPLATE_HASH_ANNOTATION]}
     return {
         "apiVersion": "apps/v1",
@@ -202,12 +203,12 @@ def rollout_strategy(spec: AdapterDeploymentSpec) -> Manifest:
     return {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable}}
 
 
-def server_pdb(body: Mapping[str, Any]) -> Manifest:
+def server_pdb(owner: ObjectRef) -> Manifest:
     """At most one serving pod voluntarily disrupted (drain, eviction) at a time."""
-    name = body["metadata"]["name"]
+    name = owner.name
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": object_meta(pdb_name(name), body, server_labels(name)),
+        "metadata": object_meta(pdb_name(name), owner, server_labels(name)),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(name)}},
     }

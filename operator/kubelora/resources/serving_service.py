@@ -6,10 +6,8 @@ desired adapters and nothing else, so a compromised serving pod cannot read othe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from kubelora.api.adapterdeployment import AdapterDeploymentSpec
+from kubelora.api.meta import ObjectRef
 from kubelora.resources.pods import Manifest, object_meta
 from kubelora.resources.serving_common import (
     ENGINE_PORT,
@@ -23,13 +21,13 @@ from kubelora.resources.serving_common import (
 AGENT_CONFIGMAP_VERBS = ("get", "list", "watch")
 
 
-def server_service(body: Mapping[str, Any], spec: AdapterDeploymentSpec) -> Manifest:
+def server_service(owner: ObjectRef, spec: AdapterDeploymentSpec) -> Manifest:
     """Routes spec.service.port to the engine's OpenAI API (8000) on Ready pods only."""
-    name = body["metadata"]["name"]
+    name = owner.name
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": object_meta(name, body, server_labels(name)),
+        "metadata": object_meta(name, owner, server_labels(name)),
         "spec": {
             "type": spec.service.type,
             "selector": selector_labels(name),
@@ -38,35 +36,35 @@ def server_service(body: Mapping[str, Any], spec: AdapterDeploymentSpec) -> Mani
     }
 
 
-def agent_service_account(body: Mapping[str, Any]) -> Manifest:
-    name = body["metadata"]["name"]
+def agent_service_account(owner: ObjectRef) -> Manifest:
+    name = owner.name
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": object_meta(agent_account_name(name), body, child_labels(name, "agent")),
+        "metadata": object_meta(agent_account_name(name), owner, child_labels(name, "agent")),
     }
 
 
-def agent_role(body: Mapping[str, Any]) -> Manifest:
+def agent_role(owner: ObjectRef) -> Manifest:
     """get/list/watch on the one ConfigMap. A list/watch restricted by resourceNames only works with a
     fieldSelector on metadata.name, which is how the agent must watch it."""
-    name = body["metadata"]["name"]
+    name = owner.name
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": object_meta(agent_account_name(name), body, child_labels(name, "agent")),
+        "metadata": object_meta(agent_account_name(name), owner, child_labels(name, "agent")),
         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [configmap_name(name)],
                    "verbs": list(AGENT_CONFIGMAP_VERBS)}],
     }
 
 
-def agent_role_binding(body: Mapping[str, Any]) -> Manifest:
-    name = body["metadata"]["name"]
+def agent_role_binding(owner: ObjectRef) -> Manifest:
+    name = owner.name
     account = agent_account_name(name)
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": object_meta(account, body, child_labels(name, "agent")),
+        "metadata": object_meta(account, owner, child_labels(name, "agent")),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": body["metadata"]["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": owner.namespace}],
     }
