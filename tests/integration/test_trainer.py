@@ -151,6 +151,10 @@ def test_qlora_trains_on_a_4bit_base(tiny_llama: Path, tmp_path: Path) -> None:
         layers = [x for x in trainer.model.modules() if isinstance(x, bnb.nn.Linear4bit)]
         seen["before"] = len(layers)
         assert all(x.weight.dtype == __import__("torch").uint8 for x in layers)
+        # The QLoRA recipe's defaults: NF4 with double quantization (the absmax constants quantized again).
+        states = [x.weight.quant_state for x in layers]
+        seen["nf4"] = sum(q.quant_type == "nf4" for q in states)
+        seen["double_quant"] = sum(bool(q.nested) for q in states)
 
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=64)
     run = make_run(tmp_path, tiny_llama, f"file://{data}", method="qlora", maxSteps=20, saveSteps=20)
@@ -158,6 +162,7 @@ def test_qlora_trains_on_a_4bit_base(tiny_llama: Path, tmp_path: Path) -> None:
     assert result.ok
     # 2 layers x 7 projections of the base are 4-bit during the whole run (lm_head stays full precision).
     assert seen["before"] == 14 and seen["step1"] == 14 and seen["step20"] == 14
+    assert seen["nf4"] == 14 and seen["double_quant"] == 14
     assert result.metrics["base_linear4bit_layers"] == 14
     assert losses_went_down(result.metrics), result.metrics
     manifest = json.loads((tmp_path / "out" / "rev-1" / MANIFEST_FILE).read_text())

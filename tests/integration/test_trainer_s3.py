@@ -96,10 +96,16 @@ def test_s3_dataset_output_and_checkpoint_mirror(s3: object, tiny_llama: Path, t
             client.download_file("lora-data", f"adapters/bot/rev-1/{key}", str(local / key))  # type: ignore[attr-defined]
     assert verify_adapter_dir(local).digest == result.adapter.digest
 
-    # A new pod on another node: no local state, no manifest (it died before publishing). It pulls the
-    # newest checkpoint from s3 and finishes from there instead of starting over.
+    # A new pod on another node: no local state, no manifest (it died before publishing, after
+    # checkpoint-3 was mirrored and before checkpoint-6 was). It pulls checkpoint-3 from s3 and trains
+    # steps 4-6 instead of starting over (or, resuming from the last step, training nothing).
     client.delete_object(Bucket="lora-data", Key=f"adapters/bot/rev-1/{MANIFEST_FILE}")  # type: ignore[attr-defined]
+    listing = client.list_objects_v2(Bucket="lora-data")  # type: ignore[attr-defined]
+    newest = [o["Key"] for o in listing.get("Contents", []) if "/checkpoint-6/" in o["Key"]]
+    assert newest
+    for key in newest:
+        client.delete_object(Bucket="lora-data", Key=key)  # type: ignore[attr-defined]
     shutil.rmtree(tmp_path / "work")
     again = train(run, Hooks(sinks=[]))
-    assert again.ok and again.metrics["resumed_from_step"] == 6
+    assert again.ok and again.metrics["resumed_from_step"] == 3 and again.metrics["global_step"] == 6
     assert MANIFEST_FILE in keys()

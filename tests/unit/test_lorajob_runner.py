@@ -222,9 +222,17 @@ def test_deleted_lorajob_is_ignored() -> None:
 
 
 def test_lorajob_deleted_between_read_and_status_patch() -> None:
-    api = FakeApi({LJ: lorajob()})
-    api.fail[("PATCH", LJ + "/status")] = 404
-    run(Reconciler(api, Settings()).kick(("ml", "bot"), nothing))  # no exception: GC is under way
+    """A 404 on the status patch means the LoRAJob is gone: done, not an error to retry (kick swallows those)."""
+
+    async def scenario() -> tuple[Reconciler, int]:
+        api = FakeApi({LJ: lorajob()})
+        api.fail[("PATCH", LJ + "/status")] = 404
+        rec = Reconciler(api, Settings())
+        await rec.kick(("ml", "bot"), nothing)
+        return rec, cancel_retries(rec)
+
+    rec, retries = run(scenario())
+    assert retries == 0 and rec.last_error is None and rec._failures == {}
 
 
 def test_terminating_lorajob_is_left_to_garbage_collection() -> None:

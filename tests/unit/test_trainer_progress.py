@@ -79,7 +79,7 @@ def test_resumed_run_eta_counts_only_this_process() -> None:
     assert sink.updates[-1].eta_seconds == 40  # 10 steps in 10 s, 40 left
 
 
-def test_failing_sink_does_not_raise() -> None:
+def test_a_failing_sink_neither_stops_training_nor_the_other_sinks(caplog: pytest.LogCaptureFixture) -> None:
     class Boom:
         def publish(self, progress: Progress) -> None:
             raise RuntimeError("boom")
@@ -87,10 +87,15 @@ def test_failing_sink_does_not_raise() -> None:
         def close(self) -> None:
             raise RuntimeError("boom")
 
-    tr = ProgressTracker([Boom()], interval=0)
-    tr.start(0, 2)
-    tr.step(1, 2, None)
-    tr.finish()
+    healthy = RecordingSink()
+    tr = ProgressTracker([Boom(), healthy], interval=0)
+    with caplog.at_level("WARNING"):
+        tr.start(0, 2)
+        tr.step(1, 2, None)
+        tr.step(2, 2, None)
+        tr.finish()
+    assert [u.step for u in healthy.updates][-2:] == [2, 2] and healthy.updates[-1].percent == 100
+    assert "boom" in caplog.text
 
 
 class FakeApi:
