@@ -1,0 +1,118 @@
+"""The Helm chart on the real local cluster: `helm install` runs the operator as a pod under the chart's own
+ServiceAccount and RBAC (no admin token), it trains a LoRAJob to Succeeded, and `helm uninstall` leaves only
+the CRDs: no cluster-scoped leftovers and nothing (webhook, finalizer) that blocks creating, changing or
+deleting either kind afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubelora_local.kube import KubeError
+
+from .conftest import LocalCluster
+from .operator_fixture import OperatorProcess
+from .test_lorajob import GROUP_PATH, make_env, spec
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+HELM = REPO / ".venv" / "bin" / "helm"
+CHART = REPO / "charts" / "kubelora"
+Obj = dict[str, Any]
+CLUSTER_SCOPED = (
+    "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+    "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies",
+    "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings",
+)
+
+
+def helm(cluster: LocalCluster, *args: str) -> str:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "HELM_CACHE_HOME": str(cluster.state_dir / "helm")}
+    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, f"helm {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def names(cluster: LocalCluster, path: str) -> set[str]:
+    return {o["metadata"]["name"] for o in cluster.kube.get(path)["items"]}
+
+
+def cluster_scoped(cluster: LocalCluster) -> set[str]:
+    return {f"{path.rsplit('/', 1)[1]}/{name}" for path in CLUSTER_SCOPED for name in names(cluster, path)}
+
+
+def operator_pods(cluster: LocalCluster, ns: str) -> list[Obj]:
+    pods: list[Obj] = cluster.kube.get(
+        f"/api/v1/namespaces/{ns}/pods", labelSelector="app.kubernetes.io/name=kubelora"
+    )["items"]
+    return pods
+
+
+def test_helm_install_trains_and_uninstall_leaves_only_crds(
+    cluster: LocalCluster, namespace: str, operator: OperatorProcess
+) -> None:
+    operator.stop()  # the session's operator would reconcile this namespace too
+    try:
+        env = make_env(cluster, namespace, operator)
+        before = cluster_scoped(cluster)
+        crds = names(cluster, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+        helm(cluster, "install", "kl", str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+        installed = cluster_scoped(cluster) - before
+        assert installed and all("kl-operator" in n for n in installed), installed
+        [pod] = operator_pods(cluster, namespace)
+        assert pod["spec"]["serviceAccountName"] == "kl-operator"
+
+        env.create("charted", spec("charted", max_steps=5))
+        try:
+            status = env.wait_phase("charted", "Succeeded", timeout=240)
+        except BaseException:
+            print(cluster.logs(namespace, operator_pods(cluster, namespace)[0]["metadata"]["name"], "operator")[-6000:])
+            raise
+        assert status["adapter"]["digest"].startswith("sha256:")
+
+        helm(cluster, "uninstall", "kl", "--namespace", namespace, "--wait", "--timeout", "60s")
+        cluster.wait_for(lambda: not operator_pods(cluster, namespace), 60, "operator pod gone")
+        assert cluster_scoped(cluster) == before  # nothing cluster-scoped left behind
+        # CRDs stay (Helm never deletes them): ours, plus kopf's peering CRDs if the chart installed them.
+        after = names(cluster, "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")
+        added = after - crds
+        assert crds <= after
+        assert added <= {"kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}, added
+
+        # With no operator at all, both kinds can still be created, changed and deleted at once.
+        job = env.path("charted")
+        cluster.kube.merge_patch(job, {"metadata": {"labels": {"touched": "yes"}}})
+        ad_path = f"{GROUP_PATH}/{namespace}/adapterdeployments"
+        ad = {"apiVersion": "kubelora.io/v1alpha1", "kind": "AdapterDeployment", "metadata": {"name": "after"},
+              "spec": {"baseModel": {"uri": "pvc://models/tiny", "servedName": "tiny"},
+                       "adapters": [{"name": "a", "uri": "pvc://adapters/charted"}]}}
+        cluster.kube.create(ad_path, ad)
+        env.create("later", spec("later"))
+        for path in (job, f"{ad_path}/after", env.path("later")):
+            assert not cluster.kube.get(path)["metadata"].get("finalizers"), path
+            cluster.kube.delete(path)
+        deadline = time.monotonic() + 20
+        for path in (job, f"{ad_path}/after", env.path("later")):
+            left = max(1.0, deadline - time.monotonic())
+            cluster.wait_for(lambda p=path: not exists(cluster, p), left, f"{path} gone")
+    finally:
+        operator.start()
+
+
+def exists(cluster: LocalCluster, path: str) -> bool:
+    try:
+        cluster.kube.get(path)
+    except KubeError as e:
+        if e.status == 404:
+            return False
+        raise
+    return True
+
