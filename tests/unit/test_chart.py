@@ -19,6 +19,29 @@ def helm(*args: str) -> str:
     return subprocess.run([str(HELM), *args], check=True, capture_output=True, text=True).stdout
 
 
+VALUE_SETS = {
+    "default": (),
+    "ha": ("replicas=2", "peering.enabled=true"),
+    "namespaced": ("watchNamespaces={a,b}",),
+    "namespaced-ha": ("watchNamespaces={a,b}", "replicas=3", "peering.enabled=true"),
+    "digest": ("image.digest=sha256:" + "ab" * 32,),
+    "networkpolicy": ("networkPolicy.enabled=true", "watchNamespaces={a,b}",
+                      "networkPolicy.apiServer.cidrs={10.0.0.1/32}"),
+    "argocd": ("argocd.healthChecks.enabled=true",),
+}
+
+
+def sets_args(sets: tuple[str, ...]) -> list[str]:
+    return [arg for item in sets for arg in ("--set", item)]
+
+
+def helm_error(*args: str) -> str:
+    """What a helm command that must fail says (lint reports on stdout, template on stderr)."""
+    done = subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False)
+    assert done.returncode != 0, f"helm {' '.join(args)} must fail:\n{done.stdout[:2000]}"
+    return done.stdout + done.stderr
+
+
 def render(*sets: str) -> list[dict[str, Any]]:
     args = ["template", "kl", str(CHART), "--namespace", "kubelora-system"]
     for item in sets:
@@ -26,8 +49,71 @@ def render(*sets: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(helm(*args)) if d]
 
 
-def test_lint() -> None:
-    assert "0 chart(s) failed" in helm("lint", str(CHART))
+@pytest.mark.parametrize("sets", list(VALUE_SETS.values()), ids=list(VALUE_SETS))
+def test_lint_strict_and_template(sets: tuple[str, ...]) -> None:
+    out = helm("lint", "--strict", str(CHART), *sets_args(sets))
+    assert "0 chart(s) failed" in out and "[WARNING]" not in out and "[ERROR]" not in out, out
+    docs = render(*sets)
+    assert [d for d in docs if d["kind"] == "Deployment"], "every value set renders the operator"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("replicas=two", "at '/replicas': got string, want integer", id="replicas-string"),
+        pytest.param("replicas=0", "at '/replicas': minimum: got 0, want 1", id="replicas-zero"),
+        pytest.param("logFormat=xml", "at '/logFormat': value must be one of 'json', 'text'", id="log-format"),
+        pytest.param("image.digest=latest", "at '/image/digest'", id="digest"),
+        pytest.param("image.pullPolicy=Sometimes", "at '/image/pullPolicy'", id="pull-policy"),
+        pytest.param("watchNamespaces={Bad_NS}", "at '/watchNamespaces/0'", id="namespace-name"),
+        pytest.param("replica=2", "additional properties 'replica' not allowed", id="typo"),
+        pytest.param("peering.enable=true", "additional properties 'enable' not allowed", id="nested-typo"),
+    ],
+)
+def test_schema_rejects_bad_values_with_a_readable_message(value: str, message: str) -> None:
+    for command in (["template", "kl"], ["lint", "--strict"]):
+        assert message in helm_error(*command, str(CHART), "--set", value)
+
+
+def test_several_replicas_need_peering() -> None:
+    err = helm_error("template", "kl", str(CHART), "--set", "replicas=2")
+    assert "replicas=2 needs peering.enabled=true" in err
+    # `helm lint` renders in lint mode, where Helm 4 logs `fail` instead of failing: install/template refuse it.
+
+
+def deployment_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def test_rollout_strategy_follows_peering() -> None:
+    assert deployment_of(render())["spec"]["strategy"] == {"type": "Recreate"}
+    ha = deployment_of(render(*VALUE_SETS["ha"]))["spec"]["strategy"]
+    assert ha == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def test_probes_use_kopf_health_endpoint() -> None:
+    container = deployment_of(render())["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        assert probe["httpGet"]["path"] == "/healthz" and ports[probe["httpGet"]["port"]] == 8080, kind
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60, "slow first starts must not be killed"
+
+
+def test_image_digest_pins_the_operator_image() -> None:
+    digest = "sha256:" + "ab" * 32
+    image = deployment_of(render(f"image.digest={digest}"))["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"ghcr.io/kubelora/operator:0.1.0@{digest}"
+    assert deployment_of(render())["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        "ghcr.io/kubelora/operator:0.1.0")
+
+
+def test_pdb_only_with_several_replicas() -> None:
+    assert not [d for d in render() if d["kind"] == "PodDisruptionBudget"]
+    [pdb] = [d for d in render(*VALUE_SETS["ha"]) if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment_of(render())["spec"]["selector"]["matchLabels"]
 
 
 def test_operator_runs_non_root_with_read_only_root() -> None:

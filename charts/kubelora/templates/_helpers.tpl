@@ -12,4 +12,7 @@ app.kubernetes.io/name: kubelora
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end -}}
-{{- define "kubelora.image" -}}{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{- end -}}
+{{- /* repository:tag, or repository:tag@sha256:... when image.digest is set (the runtime pulls by digest). */ -}}
+{{- define "kubelora.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{ with .Values.image.digest }}@{{ . }}{{ end }}
+{{- end -}}
