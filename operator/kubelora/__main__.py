@@ -31,12 +31,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser.add_argument("--server-image", default=base.server_image)
     parser.add_argument("--peering", default=base.peering, help="kopf peering name for HA; omit to run standalone")
     parser.add_argument("--log-format", choices=["text", "json"], default=base.log_format)
+    parser.add_argument("--metrics-port", type=int, default=base.metrics_port,
+                        help="port of the Prometheus /metrics endpoint (0 disables)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' disables)")
     args = parser.parse_args(argv)
+    if not 0 <= args.metrics_port <= 65535:
+        parser.error(f"--metrics-port must be 0-65535, not {args.metrics_port}")
     namespaces = [] if args.all_namespaces else (args.namespace or base.namespaces)
     settings = base.model_copy(update={
         "namespaces": namespaces, "trainer_image": args.trainer_image, "server_image": args.server_image,
-        "peering": args.peering or None, "log_format": args.log_format})
+        "peering": args.peering or None, "log_format": args.log_format,
+        "metrics_port": args.metrics_port})
     return settings, args
 
 
@@ -52,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     import kopf
 
     from kubelora import handlers
+    from kubelora.handlers import metrics
 
     handlers.configure(settings)
+    metrics.serve(settings.metrics_port)
     asyncio.run(kopf.operator(
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,

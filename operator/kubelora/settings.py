@@ -28,6 +28,8 @@ class Settings(BaseModel):
     peering: str | None = None
     """kopf peering name for HA (one active operator); None runs standalone."""
     log_format: Literal["text", "json"] = "text"
+    metrics_port: int = Field(default=8081, ge=0, le=65535)
+    """Port of the Prometheus ``/metrics`` endpoint on every interface; 0 turns it off."""
     adapter_poll_seconds: float = Field(default=2.0, gt=0)
     """How often each AdapterDeployment's agents are asked for their adapter states."""
     progress_interval_seconds: float = Field(default=3.0, gt=0)

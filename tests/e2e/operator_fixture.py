@@ -45,6 +45,8 @@ class OperatorProcess:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    metrics_port: int = 0
+    """Where ``/metrics`` is served (a free port per start)."""
     starts: int = 0
 
     @property
@@ -60,8 +62,10 @@ class OperatorProcess:
         if self.running:
             return
         self.port = _free_port()
+        self.metrics_port = _free_port()
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "OMP_NUM_THREADS": "1", **self.env}
-        argv = [*self.launcher, "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz", *self.extra_args]
+        argv = [*self.launcher, "-A", "--liveness", f"http://127.0.0.1:{self.port}/healthz",
+                "--metrics-port", str(self.metrics_port), *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start #{self.starts + 1}: {' '.join(argv)}\n".encode())
@@ -86,6 +90,11 @@ class OperatorProcess:
                 return bool(resp.status == 200)
         except OSError:
             return False
+
+    def metrics(self) -> str:
+        """The operator's ``/metrics`` page (Prometheus text format)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            return str(resp.read().decode())
 
     def stop(self, timeout: float = 15.0) -> None:
         """Graceful stop (SIGTERM, as Kubernetes does), SIGKILL if it hangs."""

@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 
 from kubelora.api.common import GROUP, VERSION
+from kubelora.handlers import metrics
 from kubelora.handlers.adapterdeployment_agents import agent_client
 from kubelora.handlers.adapterdeployment_loop import Indexes, Key, Supervisor
 from kubelora.handlers.kube import API, apply, patch_status
@@ -96,6 +97,7 @@ def serving_deployments(namespace: str | None, name: str, body: kopf.Body, meta:
 async def adapterdeployment_event(type: str | None, body: kopf.Body, namespace: str | None, name: str,
                                   memo: kopf.Memo, **_: Any) -> None:
     key = (namespace or "", name)
+    metrics.adapterdeployment_seen(type, body)
     if type == "DELETED" or body.get("metadata", {}).get("deletionTimestamp"):
         supervisor(memo).forget(key)
     else:

@@ -34,6 +34,7 @@ from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploym
 from kubelora.api.common import API_VERSION, now_rfc3339
 from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import ConditionType, DeploymentPhase, Reason
+from kubelora.handlers import metrics
 from kubelora.handlers.adapterdeployment_agents import poll_agents
 from kubelora.handlers.adapterdeployment_children import APPLIED_KEY, apply_children, build_children, changed
 from kubelora.handlers.kube import ApiError
@@ -222,7 +223,10 @@ class Supervisor:
     async def _guarded(self, key: Key, tracked: Tracked) -> None:
         try:
             async with self._slots:
-                await self.tick(key, tracked)
+                with metrics.reconciling("AdapterDeployment") as outcome:
+                    status = await self.tick(key, tracked)
+                    if _condition(status, ConditionType.STALLED)[0] == "True":
+                        outcome.result = metrics.STALLED
         except asyncio.CancelledError:
             raise
         except Exception:  # one object's surprise must not stop the others' polling

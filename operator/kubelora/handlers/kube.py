@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from kubelora.handlers import metrics
+
 JSON = dict[str, Any]
 PLURALS = {
     "ConfigMap": "configmaps", "Service": "services", "ServiceAccount": "serviceaccounts", "Role": "roles",
@@ -117,8 +119,10 @@ class KubeApi:
                 text = response.text
         except ServerError as exc:
             status = exc.response.status_code if exc.response is not None else 0
+            metrics.api_error(status)
             raise ApiError(status, f"{method} {path}: {exc}") from None
         except (httpx.HTTPError, APITimeoutError, OSError) as exc:
+            metrics.api_error(0)
             raise ApiError(0, f"{method} {path}: {exc!r}") from exc
         return json.loads(text) if text else {}
 

@@ -25,7 +25,7 @@ from typing import Any
 import kopf
 
 from kubelora.api.common import GROUP, VERSION
-from kubelora.handlers import lorajob_kopf
+from kubelora.handlers import lorajob_kopf, metrics
 from kubelora.handlers.kube import API, KubeApi
 from kubelora.handlers.lorajob_runner import Key, Observer, Reconciler
 from kubelora.reconcile.lorajob import needs_reconcile
@@ -97,6 +97,7 @@ def observer(namespace: str | None, kwargs: Mapping[str, Any]) -> Observer:
 
 @kopf.on.event(GROUP, VERSION, "lorajobs")
 async def lorajob_event(type: str, body: kopf.Body, name: str, namespace: str | None, **kwargs: Any) -> None:
+    metrics.lorajob_seen(type, body)
     if needs_reconcile(type, body):
         await reconciler().kick((namespace or "", name), observer(namespace, kwargs))
 

@@ -25,6 +25,7 @@ from kubelora.api.common import now_rfc3339
 from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
+from kubelora.handlers import metrics
 from kubelora.handlers.kube import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete
@@ -77,6 +78,12 @@ def blocked_by(exc: ApiError, action: Action) -> Blocked | None:
            if exc.status == 403 else "the object the operator built was refused; check the spec fields it uses")
     return Blocked(reason, f"cannot {verb} {what}: {exc}; {fix}")
 
+def _ref_extra(key: Key, reason: str) -> dict[str, Any]:
+    """``extra`` for a log record about a LoRAJob: the JSON log format writes it out (``__main__``)."""
+    return {"k8s_ref": {"apiVersion": LORAJOB_API, "kind": "LoRAJob", "namespace": key[0], "name": key[1]},
+            "reason": reason}
+
+
 class Reconciler:
     def __init__(self, api: Api, settings: Settings) -> None:
         self.api = api
@@ -97,20 +104,25 @@ class Reconciler:
         self._pending.add(key)
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._pending.discard(key)
-            try:
-                await self._reconcile(key, observe)
-            except Blocked as exc:
-                log.warning("LoRAJob %s/%s is stalled: %s", *key, exc.message)
-                self._retry(key, observe, exc.retry)
-            except ApiError as exc:
-                attempt = self._failures.get(key, 0)
-                self._failures[key] = attempt + 1
-                delay = _delay(exc.status, attempt)
-                log.warning("reconcile of %s/%s failed (%s); retrying in %.0f s", *key, exc, delay)
-                self.last_error = exc
-                self._retry(key, observe, delay)
-            else:
-                self._failures.pop(key, None)
+            with metrics.reconciling("LoRAJob") as outcome:
+                try:
+                    await self._reconcile(key, observe)
+                except Blocked as exc:
+                    outcome.result = metrics.STALLED
+                    log.warning("LoRAJob %s/%s is stalled: %s", *key, exc.message,
+                                extra=_ref_extra(key, exc.reason))
+                    self._retry(key, observe, exc.retry)
+                except ApiError as exc:
+                    outcome.result = metrics.ERROR
+                    attempt = self._failures.get(key, 0)
+                    self._failures[key] = attempt + 1
+                    delay = _delay(exc.status, attempt)
+                    log.warning("reconcile of %s/%s failed (%s); retrying in %.0f s", *key, exc, delay,
+                                extra=_ref_extra(key, f"HTTP{exc.status}" if exc.status else "Unreachable"))
+                    self.last_error = exc
+                    self._retry(key, observe, delay)
+                else:
+                    self._failures.pop(key, None)
 
     def _retry(self, key: Key, observe: Observer, delay: float) -> None:
         task = asyncio.create_task(self._later(key, observe, delay))
