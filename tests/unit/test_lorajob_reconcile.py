@@ -4,6 +4,7 @@ pre-flight, training, retries, deadline, vanished Jobs, bad input and invalid sp
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -356,3 +357,24 @@ def test_invalid_spec_while_running_keeps_the_run() -> None:
     assert cond(plan, "Validated")["reason"] == "InvalidSpec"
     assert "revision 1 keeps running" in cond(plan, "Validated")["message"]
     assert cond(plan, "Running")["status"] == "True" and plan.status["observedGeneration"] == 2
+
+
+@pytest.mark.parametrize("uri", ["s3://elsewhere/adapter", "pvc://adapters/bot/../other/rev-1", "pvc://adapters/bot"])
+@pytest.mark.parametrize("via", ["termination-message", "progress"])
+def test_adapter_outside_output_is_never_published(uri: str, via: str) -> None:
+    """What the trainer reports is a claim: an adapter outside spec.output.uri fails the run, unserved."""
+    forged = {**ADAPTER, "uri": uri}
+    progress: dict[str, Any] = {"step": 20, "totalSteps": 20}
+    message = result()
+    if via == "progress":
+        progress["adapter"] = forged
+    else:
+        message = json.dumps({"ok": True, "reason": "", "message": "", "adapter": forged})
+    world = running_world(progress=progress)
+    world.put(job("bot-train-1", succeeded=1, condition="Complete"),
+              pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=message))
+    plan = world.step(LATER)
+    assert plan.phase == "Failed"
+    assert cond(plan, "Succeeded")["reason"] == "AdapterOutsideOutput"
+    assert "outside spec.output.uri pvc://adapters/bot" in plan.status["message"]
+    assert "adapter" not in plan.status and "lastSucceededAdapter" not in plan.status

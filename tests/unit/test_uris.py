@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, parse_uri
+from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, is_within, parse_uri
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,15 @@ def test_round_trip_and_paths(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors(raw: str, allowed: tuple[str, ...], message: str) -> None:
     with pytest.raises(URIError, match=message):
         parse_uri(raw, allowed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("uri", "root", "inside"), [
+    ("pvc://adapters/bot/rev-1", "pvc://adapters/bot", True),
+    ("pvc://adapters/bot/rev-1/", "pvc://adapters/bot/", True),
+    ("pvc://adapters/bot", "pvc://adapters/bot", False),
+    ("pvc://adapters/bot-evil/rev-1", "pvc://adapters/bot", False),
+    ("pvc://adapters/bot/../x/rev-1", "pvc://adapters/bot", False),
+    ("s3://adapters/bot/rev-1", "pvc://adapters/bot", False),
+])
+def test_is_within(uri: str, root: str, inside: bool) -> None:
+    assert is_within(uri, root) is inside

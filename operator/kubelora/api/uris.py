@@ -175,3 +175,14 @@ def parse_uri(value: str, allowed: tuple[Scheme, ...] = ALL_SCHEMES) -> Artifact
 
 def is_dns1123_label(name: str) -> bool:
     return len(name) <= 63 and bool(_DNS1123_LABEL.match(name))
+
+
+def is_within(uri: str, root: str) -> bool:
+    """``uri`` names something strictly below ``root`` (same scheme and location, no ``..`` segment).
+
+    A LoRAJob's adapter is trusted only inside its own ``spec.output.uri``: the trainer's report of where it
+    published is a claim, and anything else would let one job's pod point serving at foreign files.
+    """
+    base = root.rstrip("/") + "/"
+    rest = uri.rstrip("/")
+    return rest.startswith(base) and len(rest) > len(base) and ".." not in rest[len(base):].split("/")

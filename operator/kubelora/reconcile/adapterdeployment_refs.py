@@ -22,6 +22,7 @@ from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterSource,
 from kubelora.api.lorajob import AdapterInfo
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import DesiredAdapter
+from kubelora.api.uris import is_within
 
 Verdict = Literal["Pending", "Failed"]
 
@@ -101,7 +102,7 @@ def _kept(source: AdapterSource, job: JobView, previous: AdapterStatus | None) -
     """The adapter this deployment last served from ``job``, if the status still names one."""
     if previous is None or not previous.uri or not previous.digest or not job.output_uri:
         return None
-    if not previous.uri.startswith(job.output_uri.rstrip("/") + "/"):
+    if not is_within(previous.uri, job.output_uri):
         return None  # served from another job before loraJobRef was changed
     if source.digest and source.digest != previous.digest:
         return None
@@ -135,6 +136,10 @@ def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymen
                           f"LoRAJob {ref!r} is {job.phase}{detail}; serving its previous adapter until it publishes")
         return _pending(source, Reason.LORAJOB_NOT_READY,
                         f"LoRAJob {ref!r} is {job.phase}{detail}; waiting for its adapter", job.output_uri)
+    if not job.output_uri or not is_within(info.uri, job.output_uri):
+        return _failed(source, Reason.ADAPTER_OUTSIDE_OUTPUT,
+                       f"LoRAJob {ref!r} reports an adapter at {info.uri}, outside its spec.output.uri "
+                       f"{job.output_uri}: not served", info.uri, info.digest)
     if source.digest and source.digest != info.digest:
         return _failed(source, Reason.DIGEST_MISMATCH,
                        f"pinned digest {source.digest} but LoRAJob {ref!r} published {info.digest}",
@@ -157,23 +162,16 @@ def resolve_adapters(spec: AdapterDeploymentSpec, jobs: Mapping[str, JobView],
     """Resolve every adapter in spec order; ``jobs`` maps LoRAJob names (same namespace) to their views and
     ``previous`` is the deployment's current ``status.adapters`` (what it served last).
 
-    Adapters beyond vllm.maxCpuLoras (counting only those that would be loaded) fail with TooManyAdapters,
-    so the first ones listed keep working when the list grows too long.
+    Every adapter is resolved on its own: vllm.maxCpuLoras is the size of vLLM's LRU cache of loaded
+    weights, not a limit on how many adapters one deployment serves.
     """
     out: list[ResolvedAdapter] = []
     before = {a.name: a for a in previous}
-    loadable = 0
     for source in spec.adapters:
         if source.lora_job_ref is not None:
             resolved = _from_job(source, jobs.get(source.lora_job_ref.name), spec, before.get(source.name))
         else:
             resolved = ResolvedAdapter(source.name, uri=source.uri, digest=source.digest, claim_uri=source.uri)
-        if resolved.verdict is None:
-            loadable += 1
-            if loadable > spec.vllm.max_cpu_loras:
-                resolved = _failed(source, Reason.TOO_MANY_ADAPTERS,
-                                   f"more than vllm.maxCpuLoras ({spec.vllm.max_cpu_loras}) adapters to serve; "
-                                   "raise it or remove adapters", resolved.uri, resolved.digest)
         out.append(resolved)
     return out
 

@@ -17,6 +17,7 @@ from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec, LoRAJobStatus
 from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import TrainerResult
+from kubelora.api.uris import is_within
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete, Suspend
 from kubelora.reconcile.lorajob_object import clip
 from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState
@@ -121,6 +122,10 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
         pod = _last(pods, "Succeeded")
         result = _result(pod)
         adapter = result.adapter if result is not None and result.ok and result.adapter is not None else run.published
+        if adapter is not None and run.spec is not None and not is_within(adapter.uri, run.spec.output.uri):
+            message = clip(f"the trainer reported an adapter at {adapter.uri}, outside spec.output.uri "
+                           f"{run.spec.output.uri}: not published")
+            return RunStep(Outcome(JobPhase.FAILED, Reason.ADAPTER_OUTSIDE_OUTPUT, message, verdict), updates)
         if adapter is not None:
             updates["adapter"] = adapter
             updates["last_succeeded_adapter"] = adapter
