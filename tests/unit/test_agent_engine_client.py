@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from tenacity import wait_none
 
 from kubelora_server.agent.engine_client import (
     AdapterAlreadyLoaded,
@@ -17,8 +18,9 @@ from kubelora_server.agent.engine_client import (
     EngineRejected,
     EngineUnavailable,
     RuntimeLoRADisabled,
+    is_permanent,
 )
-from kubelora_server.openai_api import parse_error
+from kubelora_server.openai_api import ApiError, parse_error
 
 T = TypeVar("T")
 
@@ -27,14 +29,45 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-class FakeVllm:
-    """vLLM v0.11's runtime LoRA routes: plain-text success, ``{"error": {...}}`` failures."""
+# What vLLM answers to a failed POST /v1/load_lora_adapter, by cause (vllm/entrypoints/openai/models/serving.py:
+# any exception from add_lora is a 400 BadRequestError carrying str(exception); only "No adapter found" is a 404).
+# path suffix -> (status, type, message, permanent)
+VLLM_LOAD_ERRORS: dict[str, tuple[int, str, str, bool]] = {
+    "missing": (404, "NotFoundError", "Loading lora a failed: No adapter found for /cache/missing", False),
+    "rank64": (400, "BadRequestError", "LoRA rank 64 is greater than max_lora_rank 16.", True),
+    "bias": (400, "BadRequestError", "Adapter bias cannot be used without bias_enabled.", True),
+    "dora": (400, "BadRequestError", "vLLM does not yet support DoRA.", True),
+    "mts": (400, "BadRequestError", "vLLM only supports modules_to_save being None.", True),
+    "targets": (400, "BadRequestError", "While loading /cache/targets, expected target modules in ['q_proj', "
+                "'v_proj'] but received ['qkv_proj']. Please verify that the loaded LoRA module is correct", True),
+    "notjson": (400, "BadRequestError", "Expecting value: line 1 column 1 (char 0)", True),
+    "noweights": (400, "BadRequestError", "/cache/noweights doesn't contain tensors", True),
+    "oom": (400, "BadRequestError", "CUDA out of memory. Tried to allocate 64.00 MiB. GPU 0 has a total capacity "
+            "of 79.15 GiB of which 12.00 MiB is free.", False),
+    "eio": (400, "BadRequestError", "[Errno 5] Input/output error: '/cache/eio/adapter_model.safetensors'", False),
+    "timeout": (400, "BadRequestError", "Call to add_lora method failed: Timed out waiting for the engine core",
+                False),
+    "corrupt": (500, "InternalServerError", "Error while reading safetensors", False),
+}
 
-    def __init__(self, *, old_envelope: bool = False, runtime_lora: bool = True) -> None:
+
+class FakeVllm:
+    """vLLM's runtime LoRA routes: plain-text success, ``{"error": {...}}`` failures (``old_envelope``: the
+    top-level ``{"object": "error", ...}`` of older releases), failures chosen by the path's last part."""
+
+    def __init__(self, *, old_envelope: bool = False, runtime_lora: bool = True, ignore_inplace: bool = False) -> None:
         self.loras: dict[str, str] = {}
         self.old_envelope = old_envelope
         self.runtime_lora = runtime_lora
+        self.ignore_inplace = ignore_inplace
+        """vLLM before load_inplace existed: the field is ignored, a registered name is "already loaded"."""
         self.requests: list[tuple[str, str, Any]] = []
+        self.refuse: dict[str, str] = {}
+        """lora_path -> VLLM_LOAD_ERRORS key, for paths whose name does not say it."""
+        self.fail_times: dict[str, int] = {}
+        """lora_path -> how many more loads of it are refused (then it loads)."""
+        self.hidden: set[str] = set()
+        """names /v1/models leaves out (registered in another API-server process, or a stale listing)."""
 
     def error(self, message: str, err_type: str, code: int) -> httpx.Response:
         if self.old_envelope:
@@ -51,25 +84,27 @@ class FakeVllm:
             return httpx.Response(200)
         if path == "/v1/models":
             data = [{"id": "base", "object": "model", "root": "/models/base", "parent": None}]
-            data += [{"id": n, "object": "model", "root": p, "parent": "base"} for n, p in self.loras.items()]
+            data += [{"id": n, "object": "model", "root": p, "parent": "base"} for n, p in self.loras.items()
+                     if n not in self.hidden]
             return httpx.Response(200, json={"object": "list", "data": data})
         if not self.runtime_lora:
             return httpx.Response(404, json={"detail": "Not Found"})
         if path == "/v1/load_lora_adapter":
             name, lora_path = body["lora_name"], body["lora_path"]
-            if name in self.loras and not body.get("load_inplace"):
+            if name in self.loras and (self.ignore_inplace or not body.get("load_inplace")):
                 return self.error(
                     f"The lora adapter '{name}' has already been loaded. If you want to load the "
                     "adapter in place, set 'load_inplace' to True.",
                     "InvalidUserInput",
                     400,
                 )
-            if lora_path.endswith("missing"):
-                return self.error(f"Loading lora {name} failed: No adapter found for {lora_path}", "NotFoundError", 404)
-            if lora_path.endswith("rank64"):
-                return self.error("LoRA rank 64 is greater than max_lora_rank 16.", "BadRequestError", 400)
-            if lora_path.endswith("corrupt"):
-                return self.error("Error while reading safetensors", "InternalServerError", 500)
+            kind = self.refuse.get(lora_path) or lora_path.rstrip("/").rsplit("/", 1)[-1].rsplit("-", 1)[-1]
+            if self.fail_times.get(lora_path, 0) > 0:
+                self.fail_times[lora_path] -= 1
+                kind = "oom"
+            if kind in VLLM_LOAD_ERRORS:
+                status, err_type, message, _ = VLLM_LOAD_ERRORS[kind]
+                return self.error(message, err_type, status)
             self.loras[name] = lora_path
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
         if path == "/v1/unload_lora_adapter":
@@ -81,8 +116,9 @@ class FakeVllm:
         return httpx.Response(404, json={"detail": "Not Found"})
 
 
-def client_for(handler: Callable[[httpx.Request], httpx.Response]) -> EngineClient:
-    return EngineClient("http://engine:8000", transport=httpx.MockTransport(handler))
+def client_for(handler: Callable[[httpx.Request], httpx.Response], attempts: int = 3) -> EngineClient:
+    return EngineClient("http://engine:8000", transport=httpx.MockTransport(handler), load_attempts=attempts,
+                        retry_wait=wait_none())
 
 
 def test_load_list_unload_round_trip() -> None:
@@ -142,12 +178,56 @@ def test_unload_unknown_as_400_from_older_engines_is_also_not_loaded() -> None:
         run(client_for(handler).unload("x"))
 
 
-@pytest.mark.parametrize(("path", "status"), [("/x/missing", 404), ("/x/rank64", 400), ("/x/corrupt", 500)])
-def test_refusals_carry_status_and_message(path: str, status: int) -> None:
+@pytest.mark.parametrize("old_envelope", [False, True])
+@pytest.mark.parametrize("kind", sorted(VLLM_LOAD_ERRORS))
+def test_each_vllm_refusal_is_classified_by_its_message(kind: str, old_envelope: bool) -> None:
+    status, err_type, message, permanent = VLLM_LOAD_ERRORS[kind]
+    fake = FakeVllm(old_envelope=old_envelope)
     with pytest.raises(EngineRejected) as err:
-        run(client_for(FakeVllm()).load("a", path))
-    assert err.value.error.status == status
+        run(client_for(fake).load("a", f"/cache/a-{kind}"))
+    assert (err.value.error.status, err.value.error.type, err.value.error.message) == (status, err_type, message)
+    assert err.value.permanent is permanent
     assert str(err.value).startswith(f"HTTP {status}")
+    loads = [r for r in fake.requests if r[1] == "/v1/load_lora_adapter"]
+    assert len(loads) == (1 if permanent else 3), "transient refusals are retried, permanent ones are not"
+
+
+def test_a_transient_refusal_that_clears_loads_within_one_call() -> None:
+    fake = FakeVllm()
+    fake.fail_times["/cache/a-1"] = 2  # CUDA OOM twice, then the LRU has made room
+    run(client_for(fake, attempts=3).load("a", "/cache/a-1"))
+    assert fake.loras == {"a": "/cache/a-1"}
+    assert len([r for r in fake.requests if r[1] == "/v1/load_lora_adapter"]) == 3
+
+
+def test_retries_back_off_exponentially_between_attempts() -> None:
+    from tenacity import wait_exponential
+
+    fake = FakeVllm()
+    slept: list[float] = []
+    async def fake_sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    engine = EngineClient("http://engine:8000", transport=httpx.MockTransport(fake), load_attempts=4,
+                          retry_wait=wait_exponential(multiplier=0.5, max=8), retry_sleep=fake_sleep)
+
+    async def scenario() -> None:
+        with pytest.raises(EngineRejected):
+            await engine.load("a", "/cache/a-oom")
+
+    run(scenario())
+    assert slept == [0.5, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(("status", "message", "permanent"), [
+    (503, "LoRA rank 64 is greater than max_lora_rank 16.", False),  # a 5xx is the server's trouble
+    (429, "Too many requests", False),
+    (400, "something nobody wrote down yet", False),  # unknown: bounded retries, not 300 s of Failed
+    (400, "Loading lora x failed: CUDA out of memory while reading /cache/x (is greater than max_lora_rank?)", False),
+    (400, "LoRA added vocab size 10 is greater than lora_extra_vocab_size 0.", True),
+])
+def test_classification_edges(status: int, message: str, permanent: bool) -> None:
+    assert is_permanent(ApiError(status, message, "BadRequestError")) is permanent
 
 
 def test_runtime_lora_disabled_is_explained() -> None:

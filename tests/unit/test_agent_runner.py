@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
+from tenacity import wait_none
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AgentReport, DesiredAdapter, DesiredAdapters
@@ -15,7 +17,7 @@ from kubelora_server.agent.engine_client import EngineClient
 from kubelora_server.agent.runner import Agent
 from kubelora_server.agent.server import create_app
 from kubelora_server.agent.state import Policy, Problem, Ready, Want
-from tests.unit.test_agent_engine_client import FakeVllm
+from tests.unit.test_agent_engine_client import VLLM_LOAD_ERRORS, FakeVllm
 
 
 class StaticSource:
@@ -60,7 +62,7 @@ def fetcher(bad: dict[str, Problem] | None = None) -> Callable[[Want, DesiredAda
 
 
 def make_agent(tmp_path: Path, fake: FakeVllm, source: StaticSource, **kw: object) -> Agent:
-    engine = EngineClient("http://engine:8000", transport=httpx.MockTransport(fake))
+    engine = EngineClient("http://engine:8000", transport=httpx.MockTransport(fake), retry_wait=wait_none())
     return Agent(
         source,
         engine,
@@ -132,37 +134,136 @@ def test_engine_restart_restores_the_whole_set(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_digest_change_reloads_by_unload_then_load(tmp_path: Path) -> None:
+A, B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+def load_calls(fake: FakeVllm) -> list[tuple[str, str, bool]]:
+    return [(path.rsplit("/", 1)[-1], body["lora_name"], bool(body.get("load_inplace")))
+            for _, path, body in fake.requests if body]
+
+
+def test_digest_change_is_probed_then_switched_in_place_without_a_gap(tmp_path: Path) -> None:
     fake = FakeVllm()
-    source = StaticSource(desired("a", pins={"a": "sha256:" + "a" * 64}))
+    source = StaticSource(desired("a", pins={"a": A}))
 
     async def scenario() -> None:
         agent = make_agent(tmp_path, fake, source)
         await settle(agent)
-        first = fake.loras["a"]
-        source.desired = desired("a", pins={"a": "sha256:" + "b" * 64})
+        source.desired = desired("a", pins={"a": B})
         fake.requests.clear()
         await settle(agent)
-        assert fake.loras["a"] != first and fake.loras["a"].endswith("a-bbbbbbbbbbbb")
-        calls = [(path, body["lora_name"]) for _, path, body in fake.requests if body]
-        assert calls == [("/v1/unload_lora_adapter", "a"), ("/v1/load_lora_adapter", "a")]
+        assert fake.loras == {"a": str(tmp_path / "cache" / "a-bbbbbbbbbbbb")}, "the probe is gone"
+        assert load_calls(fake) == [("load_lora_adapter", "a~next-bbbbbbbbbbbb", False),
+                                    ("load_lora_adapter", "a", True),
+                                    ("unload_lora_adapter", "a~next-bbbbbbbbbbbb", False)]
+        assert states(agent) == {"a": ("Loaded", "")}
+        assert agent.report().adapters[0].digest == B
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["dora", "targets", "noweights"])
+def test_a_refused_new_version_leaves_the_old_one_serving_and_says_why(tmp_path: Path, kind: str) -> None:
+    fake = FakeVllm()
+    source = StaticSource(desired("a", pins={"a": A}))
+
+    async def scenario() -> None:
+        agent = make_agent(tmp_path, fake, source)
+        await settle(agent)
+        old = fake.loras["a"]
+        fake.refuse[str(tmp_path / "cache" / "a-bbbbbbbbbbbb")] = kind
+        source.desired = desired("a", pins={"a": B})
+        fake.requests.clear()
+        await settle(agent)
+        assert fake.loras == {"a": old}, "the old version keeps serving under its name"
+        assert load_calls(fake) == [("load_lora_adapter", "a~next-bbbbbbbbbbbb", False)], "one try, no retries"
+        report = agent.report().adapters[0]
+        assert (report.state, report.reason) == ("Failed", "LoadFailed")
+        assert VLLM_LOAD_ERRORS[kind][2] in report.message
+        assert agent.ready(), "a serving replica stays in the Service"
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_that_ignores_load_inplace_gets_unload_and_load_after_the_probe(tmp_path: Path) -> None:
+    fake = FakeVllm(ignore_inplace=True)
+    source = StaticSource(desired("a", pins={"a": A}))
+
+    async def scenario() -> None:
+        agent = make_agent(tmp_path, fake, source)
+        await settle(agent)
+        source.desired = desired("a", pins={"a": B})
+        fake.requests.clear()
+        await settle(agent)
+        assert fake.loras == {"a": str(tmp_path / "cache" / "a-bbbbbbbbbbbb")}
+        assert load_calls(fake) == [("load_lora_adapter", "a~next-bbbbbbbbbbbb", False),
+                                    ("load_lora_adapter", "a", True),
+                                    ("unload_lora_adapter", "a", False),
+                                    ("load_lora_adapter", "a", False),
+                                    ("unload_lora_adapter", "a~next-bbbbbbbbbbbb", False)]
         assert states(agent) == {"a": ("Loaded", "")}
 
     asyncio.run(scenario())
 
 
-def test_reload_inplace_uses_load_inplace(tmp_path: Path) -> None:
+def test_already_loaded_from_the_same_path_counts_as_loaded(tmp_path: Path) -> None:
     fake = FakeVllm()
-    source = StaticSource(desired("a", pins={"a": "sha256:" + "a" * 64}))
+    fake.loras["a"] = str(tmp_path / "cache" / f"a-{'1' * 12}")
+    fake.hidden.add("a")  # the first listing came from a process that had not seen it yet
+
+    def listing_catches_up(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/load_lora_adapter":
+            fake.hidden.discard("a")
+        return fake(request)
 
     async def scenario() -> None:
-        agent = make_agent(tmp_path, fake, source, reload_inplace=True)
+        agent = make_agent(tmp_path, fake, StaticSource(desired("a")))
+        agent.engine = EngineClient("http://engine:8000", transport=httpx.MockTransport(listing_catches_up),
+                                    retry_wait=wait_none())
         await settle(agent)
-        source.desired = desired("a", pins={"a": "sha256:" + "b" * 64})
-        fake.requests.clear()
+        assert states(agent) == {"a": ("Loaded", "")}
+        assert len([c for c in load_calls(fake) if c[0] == "load_lora_adapter"]) == 1
+
+    asyncio.run(scenario())
+
+
+def test_already_loaded_elsewhere_backs_off_instead_of_looping(tmp_path: Path) -> None:
+    fake = FakeVllm()
+    clock = Clock()
+    fake.loras["a"] = "/other/process/a"
+    fake.hidden.add("a")  # another API-server process holds it; this one never lists it
+
+    async def scenario() -> None:
+        agent = make_agent(tmp_path, fake, StaticSource(desired("a")), clock=clock,
+                           policy=Policy(backoff_base=5.0, max_load_attempts=3))
+        await settle(agent, rounds=20)
+        assert len(load_calls(fake)) == 1, "no second try before the backoff ends"
+        assert states(agent) == {"a": ("Pending", "LoadFailed")}
+        assert "already has 'a' loaded" in agent.report().adapters[0].message
+        clock.t += 6
+        await settle(agent, rounds=20)
+        assert len(load_calls(fake)) == 2
+
+    asyncio.run(scenario())
+
+
+def test_transient_refusals_back_off_and_recover(tmp_path: Path) -> None:
+    fake = FakeVllm()
+    clock = Clock()
+    path = str(tmp_path / "cache" / f"a-{'1' * 12}")
+    fake.fail_times[path] = 4  # CUDA OOM on the first call's 3 tries and on the next call's first
+
+    async def scenario() -> None:
+        agent = make_agent(tmp_path, fake, StaticSource(desired("a")), clock=clock,
+                           policy=Policy(backoff_base=5.0, max_load_attempts=3))
         await settle(agent)
-        posts = [body for method, _, body in fake.requests if method == "POST"]
-        assert posts == [{"lora_name": "a", "lora_path": fake.loras["a"], "load_inplace": True}]
+        assert states(agent) == {"a": ("Pending", "LoadFailed")}
+        assert "out of memory" in agent.report().adapters[0].message
+        assert b'kubelora_agent_load_failures_total{kind="transient",reason="LoadFailed"} 1.0' in \
+            agent.metrics.render()
+        clock.t += 6
+        await settle(agent)
+        assert states(agent) == {"a": ("Loaded", "")} and fake.loras == {"a": path}
 
     asyncio.run(scenario())
 
@@ -189,7 +290,7 @@ def test_transient_engine_refusal_retries_then_fails(tmp_path: Path) -> None:
     clock = Clock()
 
     def corrupt_fetch(want: Want, _: DesiredAdapters, cache: Path) -> Ready:
-        return Ready(str(cache / "a-corrupt"), "sha256:" + "2" * 64)
+        return Ready(str(cache / "a-oom"), "sha256:" + "2" * 64)
 
     async def scenario() -> None:
         agent = make_agent(
@@ -211,7 +312,7 @@ def test_transient_engine_refusal_retries_then_fails(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_engine_4xx_fails_the_adapter_at_once(tmp_path: Path) -> None:
+def test_a_permanent_vllm_400_fails_the_adapter_at_once(tmp_path: Path) -> None:
     def rank_fetch(want: Want, _: DesiredAdapters, cache: Path) -> Ready:
         return Ready(str(cache / "a-rank64"), "sha256:" + "3" * 64)
 

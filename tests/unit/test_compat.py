@@ -9,6 +9,7 @@ import pytest
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AdapterManifest
 from kubelora_server.agent.compat import adapter_rank, base_model_aliases, check_compatible
+from kubelora_server.peft_rules import vllm_refusal_message, vllm_refusals
 
 
 def manifest(base: str, peft_type: str = "LORA") -> AdapterManifest:
@@ -27,7 +28,8 @@ def manifest(base: str, peft_type: str = "LORA") -> AdapterManifest:
 
 
 def config(base: str | None = "/mnt/pvc/models/llama", r: int = 8, **extra: Any) -> dict[str, Any]:
-    return {"peft_type": "LORA", "r": r, "base_model_name_or_path": base, **extra}
+    return {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj"],
+            "base_model_name_or_path": base, **extra}
 
 
 @pytest.mark.parametrize(
@@ -93,7 +95,40 @@ def test_rank_limit_uses_the_largest_rank_including_rank_pattern() -> None:
     assert bad is not None and bad.reason == Reason.RANK_TOO_LARGE and "32" in bad.message
 
 
-def test_dora_adapters_are_refused_because_vllm_cannot_serve_them() -> None:
-    bad = check_compatible(config(use_dora=True), None, "pvc://models/llama", 64)
-    assert bad is not None and bad.reason == Reason.UNSUPPORTED_ADAPTER and "useDora: false" in bad.message
-    assert check_compatible(config(use_dora=False), None, "pvc://models/llama", 64) is None
+# vLLM's PEFTHelper cases (tests/lora/test_peft_helper.py, tests/entrypoints/openai/test_lora_adapters.py):
+# the config change and the words vLLM's 400 carries.
+VLLM_REFUSES = [
+    ({"r": 1024}, "is greater than max_lora_rank", Reason.RANK_TOO_LARGE),
+    ({"bias": "all"}, "Adapter bias cannot be used without bias_enabled", Reason.UNSUPPORTED_ADAPTER),
+    ({"bias": "lora_only"}, "Adapter bias cannot be used without bias_enabled", Reason.UNSUPPORTED_ADAPTER),
+    ({"use_dora": True}, "does not yet support DoRA", Reason.UNSUPPORTED_ADAPTER),
+    ({"modules_to_save": ["lm_head"]}, "only supports modules_to_save being None", Reason.UNSUPPORTED_ADAPTER),
+]
+
+
+@pytest.mark.parametrize(("change", "words", "reason"), VLLM_REFUSES)
+def test_what_vllm_refuses_is_refused_before_loading_in_its_words(change: dict[str, Any], words: str,
+                                                                   reason: str) -> None:
+    bad = check_compatible(config(**change), None, "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == reason and words in bad.message
+
+
+def test_vllm_joins_all_its_refusals_into_one_message() -> None:
+    message = vllm_refusal_message({**config(r=128), "use_dora": True, "modules_to_save": ["lm_head"]}, 64)
+    assert message == ("vLLM only supports modules_to_save being None. vLLM does not yet support DoRA. "
+                       "LoRA rank 128 is greater than max_lora_rank 64.")
+    assert vllm_refusals(config(bias="all"), 64, bias_enabled=True) == []
+    (missing,) = vllm_refusals({"r": 8}, 64)
+    assert missing.startswith("Missing required configuration fields: ") and "lora_alpha" in missing
+    assert vllm_refusals(config(modules_to_save=None, bias="none", use_dora=False), 64) == []
+
+
+@pytest.mark.parametrize("change", [{"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_4"},
+                                    {"init_lora_weights": "olora"}, {"init_lora_weights": "loftq"},
+                                    {"layer_replication": [[0, 4], [2, 5]]}])
+def test_adapters_vllm_would_serve_wrongly_are_refused(change: dict[str, Any]) -> None:
+    assert vllm_refusals(config(**change), 64) == []  # vLLM itself would load them
+    bad = check_compatible(config(**change), None, "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.UNSUPPORTED_ADAPTER
+    assert check_compatible(config(init_lora_weights=True), None, "pvc://models/llama", 64) is None
+    assert check_compatible(config(init_lora_weights="gaussian"), None, "pvc://models/llama", 64) is None

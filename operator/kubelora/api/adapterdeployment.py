@@ -62,7 +62,8 @@ class VllmSpec(ApiModel):
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 64
     """Largest adapter rank accepted (--max-lora-rank)."""
     max_cpu_loras: int = Field(default=8, ge=1, le=1024)
-    """Adapters cached in CPU memory (--max-cpu-loras); also the most adapters one deployment may list."""
+    """Size of vLLM's LRU cache of adapter weights in CPU memory (--max-cpu-loras). Not a limit on the adapters
+    listed: any number are registered, and those outside the cache are read from disk when requested."""
     max_model_len: int | None = Field(default=None, ge=16)
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     extra_args: list[str] = Field(default_factory=list)

@@ -48,11 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-poll-interval", type=float, default=0.5,
                    help="seconds between reads of --desired-file (default: %(default)s)")
     p.add_argument("--reload-inplace", action="store_true",
-                   help="replace a changed adapter with load_inplace (newer vLLM) instead of unload + load")
+                   help="ignored: a changed adapter is always tried under a probe name, then switched with "
+                        "load_inplace (kept so existing manifests keep starting)")
     p.add_argument("--max-fetch-attempts", type=int, default=5,
                    help="failed fetches before an adapter is reported Failed (default: %(default)s)")
     p.add_argument("--max-load-attempts", type=int, default=3,
                    help="failed loads before an adapter is reported Failed (default: %(default)s)")
+    p.add_argument("--load-call-attempts", type=int, default=3,
+                   help="tries per load for transient refusals (OOM, I/O, timeouts), with backoff "
+                        "(default: %(default)s)")
     p.add_argument("--load-timeout", type=float, default=300.0, help="seconds one load may take")
     p.add_argument("--log-level", default=os.environ.get("KUBELORA_LOG_LEVEL", "INFO"))
     return p
@@ -65,11 +69,11 @@ def make_source(args: argparse.Namespace) -> DesiredSource:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    engine = EngineClient(args.engine_url, load_timeout=args.load_timeout)
+    engine = EngineClient(args.engine_url, load_timeout=args.load_timeout, load_attempts=args.load_call_attempts)
     policy = Policy(max_fetch_attempts=args.max_fetch_attempts, max_load_attempts=args.max_load_attempts)
     # the engine is told absolute paths: it may run in another working directory (or container)
     agent = Agent(make_source(args), engine, args.cache_dir.absolute(), pod=args.pod_name, policy=policy,
-                  resync_interval=args.resync_interval, reload_inplace=args.reload_inplace)
+                  resync_interval=args.resync_interval)
     config = uvicorn.Config(create_app(agent), host=args.host, port=args.port, log_level="warning",
                             access_log=False, lifespan="off")
     server = uvicorn.Server(config)

@@ -1,19 +1,32 @@
 """vLLM's runtime LoRA API, as the agent uses it (works unchanged against the CPU engine).
 
+vLLM answers every failed load with 400 BadRequestError, whatever the cause (``OpenAIServingModels.
+load_lora_adapter`` wraps any exception from ``add_lora``), and 404 NotFoundError only when the message says
+"No adapter found" (the path holds no adapter_config.json). So the status says little and the message is
+what tells a transient failure (CUDA out of memory, an I/O error on the volume, a timeout) from a permanent
+one (rank above --max-lora-rank, DoRA, modules_to_save, bias, target modules the model lacks, a config that
+is not JSON, no weight files). :func:`is_permanent` encodes that reading; the client retries transient
+refusals a few times with exponential backoff (tenacity) before it hands them to the state machine, which
+backs off further and gives up after ``max_load_attempts``.
+
 Errors are turned into a few exception types that mean something to the state machine:
 
 - :class:`EngineUnavailable` - connection refused, timeout, 5xx on health: the engine, not the adapter, is
   at fault, so no adapter is failed for it.
 - :class:`AdapterAlreadyLoaded` / :class:`AdapterNotLoaded` - the agent's view was stale; re-observe.
-- :class:`EngineRejected` - the engine refused this adapter (4xx, or a 5xx on load, which newer vLLM uses
-  for any error while reading the weights).
+- :class:`EngineRejected` - the engine refused this adapter; ``permanent`` says whether retrying can help.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity.wait import wait_base
 
 from kubelora_server.openai_api import (
     HEALTH_PATH,
@@ -38,6 +51,7 @@ class EngineRejected(EngineError):
     """The engine answered the request with an error about the adapter itself."""
 
     error: ApiError
+    permanent: bool = True
 
     def __str__(self) -> str:
         kind = f" {self.error.type}" if self.error.type else ""
@@ -54,6 +68,42 @@ class AdapterNotLoaded(EngineRejected):
 
 class RuntimeLoRADisabled(EngineRejected):
     """404 on the load route itself: VLLM_ALLOW_RUNTIME_LORA_UPDATING is not set on the engine."""
+
+
+# vLLM's own words for what no retry fixes: PEFTHelper.validate_legal / from_dict, LoRAModel.from_local_checkpoint
+# (target modules, no tensors, extra vocab), json.load of adapter_config.json, peft_type checks.
+_PERMANENT = re.compile("|".join([
+    r"is greater than max_lora_rank", r"bias_enabled", r"does not yet support DoRA", r"modules_to_save",
+    r"Missing required configuration fields", r"expected target modules", r"doesn't contain tensors",
+    r"Expecting value", r"Expecting property name", r"JSONDecodeError", r"Unterminated string",
+    r"is greater than lora_extra_vocab_size", r"not supported", r"is not LORA", r"peft_type",
+    r"HeaderTooLarge", r"InvalidHeader", r"MetadataIncompleteBuffer",
+]), re.IGNORECASE)
+# What may go away on its own: memory pressure (the LRU evicts), the volume, the engine core, time.
+_TRANSIENT = re.compile("|".join([
+    r"out of memory", r"OutOfMemoryError", r"CUDA error", r"No space left", r"Input/output error",
+    r"\bI/O error", r"Errno 5\b", r"Stale file handle", r"timed? ?out", r"Timeout", r"temporarily unavailable",
+    r"Connection (reset|refused|aborted)", r"Resource exhausted", r"try again", r"EngineDeadError",
+    r"EngineCore", r"engine core", r"shutting down",
+]), re.IGNORECASE)
+
+
+def is_permanent(err: ApiError) -> bool:
+    """Whether a refused load stays refused: read from the message, since vLLM answers 400 for both kinds.
+
+    A 5xx, 408 or 429 is transient whatever it says; a message in neither list counts as transient, so it is
+    retried a bounded number of times rather than failing the adapter for the slow-retry period at once.
+    """
+    if err.status >= 500 or err.status in (408, 429):
+        return False
+    if _TRANSIENT.search(err.message):
+        return False
+    return bool(_PERMANENT.search(err.message))
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, EngineRejected) and not isinstance(exc, AdapterAlreadyLoaded | RuntimeLoRADisabled) \
+        and not exc.permanent
 
 
 @dataclass(frozen=True)
@@ -76,9 +126,15 @@ class EngineClient:
     """Async client for one engine. ``transport`` lets tests plug in ``httpx.MockTransport``."""
 
     def __init__(self, base_url: str, *, timeout: float = 10.0, load_timeout: float = 300.0,
+                 load_attempts: int = 3, retry_wait: wait_base | None = None,
+                 retry_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.load_timeout = load_timeout
+        self.load_attempts = load_attempts
+        """Tries per load call for transient refusals (the state machine's own retries come on top)."""
+        self.retry_wait = retry_wait if retry_wait is not None else wait_exponential(multiplier=0.5, max=8)
+        self.retry_sleep = retry_sleep
         self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
@@ -114,6 +170,13 @@ class EngineClient:
         return ModelsView(base, adapters)
 
     async def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+        """Register ``name`` -> ``path``; transient refusals are retried ``load_attempts`` times with backoff."""
+        async for attempt in AsyncRetrying(stop=stop_after_attempt(self.load_attempts), wait=self.retry_wait,
+                                           sleep=self.retry_sleep, retry=retry_if_exception(_transient), reraise=True):
+            with attempt:
+                await self._load_once(name, path, inplace)
+
+    async def _load_once(self, name: str, path: str, inplace: bool) -> None:
         body: dict[str, object] = {"lora_name": name, "lora_path": path}
         if inplace:
             body["load_inplace"] = True
@@ -124,9 +187,9 @@ class EngineClient:
         if resp.status_code == 400 and "already been loaded" in err.message:
             raise AdapterAlreadyLoaded(err)
         _raise_if_route_missing(err, LOAD_LORA_PATH)
-        if resp.status_code in (502, 503, 504):
+        if resp.status_code in (502, 503, 504) and not err.message.startswith("Loading lora"):
             raise EngineUnavailable(f"POST {LOAD_LORA_PATH}: HTTP {resp.status_code}: {err.message}")
-        raise EngineRejected(err)
+        raise EngineRejected(err, permanent=is_permanent(err))
 
     async def unload(self, name: str) -> None:
         resp = await self._request("POST", UNLOAD_LORA_PATH, json={"lora_name": name})

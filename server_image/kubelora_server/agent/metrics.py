@@ -28,6 +28,9 @@ class AgentMetrics:
                                        registry=self.registry)
         self.load_seconds = Histogram("kubelora_agent_load_seconds", "Time the engine took to load an adapter",
                                       registry=self.registry)
+        self.load_failures = Counter("kubelora_agent_load_failures_total",
+                                     "Refused loads by reason and kind (transient: retried with backoff)",
+                                     ["reason", "kind"], registry=self.registry)
         self.engine_restarts = Counter("kubelora_agent_engine_recoveries_total",
                                        "Times the engine came back healthy after being unreachable",
                                        registry=self.registry)

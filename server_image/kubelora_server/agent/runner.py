@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +25,7 @@ from kubelora_server.agent.engine_client import (
     AdapterAlreadyLoaded,
     AdapterNotLoaded,
     EngineClient,
+    EngineError,
     EngineRejected,
     EngineUnavailable,
     RuntimeLoRADisabled,
@@ -63,7 +65,7 @@ class Agent:
     """Holds the records and the last engine view; everything else is delegated."""
 
     def __init__(self, source: DesiredSource, engine: EngineClient, cache_dir: Path, *, pod: str = "",
-                 policy: Policy | None = None, resync_interval: float = 5.0, reload_inplace: bool = False,
+                 policy: Policy | None = None, resync_interval: float = 5.0,
                  fetcher: Fetcher = fetch_and_check, clock: Callable[[], float] = time.time,
                  metrics: AgentMetrics | None = None) -> None:
         self.source = source
@@ -72,7 +74,6 @@ class Agent:
         self.pod = pod
         self.policy = policy or Policy()
         self.resync_interval = resync_interval
-        self.reload_inplace = reload_inplace
         self.fetcher = fetcher
         self.clock = clock
         self.metrics = metrics or AgentMetrics()
@@ -239,29 +240,75 @@ class Agent:
         started = time.monotonic()
         problem: Problem | None = None
         try:
-            if load.replace and not self.reload_inplace:
-                with contextlib.suppress(AdapterNotLoaded):
-                    await self.engine.unload(load.name)
-                self._set_loaded(load.name, None)
-            await self.engine.load(load.name, load.path, inplace=load.replace and self.reload_inplace)
-        except AdapterAlreadyLoaded:
-            log.info("engine already has %s; re-observing", load.name)
-            return
+            if load.replace:
+                await self._replace(load)
+            else:
+                await self.engine.load(load.name, load.path)
+        except AdapterAlreadyLoaded as exc:
+            problem = await self._already_loaded(load, exc)
         except EngineUnavailable as exc:
             self._engine_down(exc)
             return
         except RuntimeLoRADisabled as exc:
             problem = Problem(Reason.LOAD_FAILED, str(exc), permanent=True)
         except EngineRejected as exc:
-            problem = Problem(Reason.LOAD_FAILED, f"the engine refused the adapter: {exc}",
-                              permanent=400 <= exc.error.status < 500)
-        self.metrics.actions.labels("load", "ok" if problem is None else "error").inc()
-        if problem is None:
+            problem = Problem(Reason.LOAD_FAILED, f"the engine refused the adapter: {exc}", permanent=exc.permanent)
+        ok = problem is None
+        self.metrics.actions.labels("load", "ok" if ok else "error").inc()
+        if ok:
             self.metrics.load_seconds.observe(time.monotonic() - started)
             log.info("loaded %s from %s", load.name, load.path)
             self._set_loaded(load.name, load.path)
         else:
+            assert problem is not None
+            self.metrics.load_failures.labels(problem.reason, "permanent" if problem.permanent else "transient").inc()
             log.warning("load of %s failed: %s", load.name, problem.message)
         rec = self.records.get(load.name)
         if rec is not None:
             self.records[load.name] = on_loaded(rec, load.path, problem, self.clock(), self.policy)
+
+    async def _replace(self, load: Load) -> None:
+        """Swap a served adapter for a new version with no gap, and no loss if the new one is refused.
+
+        The new version is first loaded under a probe name that no desired adapter can have (``~`` is not
+        allowed in adapter names): a refusal leaves the served one untouched and is raised to the caller.
+        Only then is the served name switched with ``load_inplace`` (vLLM keeps the old registration until
+        the new weights loaded). An engine that ignores ``load_inplace`` (vLLM before it existed) answers
+        "already loaded"; then the name is unloaded and loaded again - a short gap, but with a version the
+        engine has just accepted. The probe is unloaded in every case.
+        """
+        probe = probe_name(load.name, load.path)
+        await self.engine.load(probe, load.path)
+        try:
+            try:
+                await self.engine.load(load.name, load.path, inplace=True)
+            except AdapterAlreadyLoaded:
+                log.info("engine ignored load_inplace for %s; unloading and loading again", load.name)
+                with contextlib.suppress(AdapterNotLoaded):
+                    await self.engine.unload(load.name)
+                self._set_loaded(load.name, None)
+                await self.engine.load(load.name, load.path)
+        finally:
+            with contextlib.suppress(EngineError):
+                await self.engine.unload(probe)
+
+    async def _already_loaded(self, load: Load, exc: AdapterAlreadyLoaded) -> Problem | None:
+        """The engine has the name although our view said otherwise (another API-server process, a stale view).
+
+        Loaded from the same path is success: record it. From another path it is a transient problem, so
+        the state machine backs off instead of waking at once and asking again (no hot loop).
+        """
+        try:
+            path = (await self.engine.models()).adapters.get(load.name)
+        except EngineUnavailable as err:
+            return Problem(Reason.LOAD_FAILED, f"{exc}; and the engine did not list its adapters: {err}")
+        if path is not None and os.path.realpath(path) == os.path.realpath(load.path):
+            log.info("engine already serves %s from %s", load.name, load.path)
+            return None
+        return Problem(Reason.LOAD_FAILED, f"the engine already has {load.name!r} loaded from {path or 'elsewhere'} "
+                       f"and refused to replace it: {exc}")
+
+
+def probe_name(name: str, path: str) -> str:
+    """The name a new version is tried under before it replaces ``name``."""
+    return f"{name}~next-{os.path.basename(path.rstrip('/'))[-12:]}"

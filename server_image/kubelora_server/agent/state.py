@@ -22,7 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from kubelora.api.adapterdeployment import AdapterState
-from kubelora.api.reasons import Reason
 from kubelora.api.runtime import DesiredAdapters
 
 
@@ -156,9 +155,13 @@ def _step(rec: Record, engine: EngineView | None, now: float, actions: list[Acti
     if loaded == rec.ready.path:
         return replace(transition(rec, "Loaded", now), problem=None, load_attempts=0)
     if rec.problem is not None and now < rec.retry_at:
-        if rec.problem.permanent and loaded is not None:
-            actions.append(Unload(rec.want.name))
-        return _show_problem(rec, now)
+        # A refused new version never takes the old one down: it was probed under another name, and the
+        # name still serves the previous version (whose cache entry the engine's view keeps from collection).
+        shown = _show_problem(rec, now)
+        if loaded is not None:
+            return transition(shown, shown.state, now, shown.reason,
+                               f"{shown.message}; still serving the previous version from {loaded}")
+        return shown
     actions.append(Load(rec.want.name, rec.ready.path, replace=loaded is not None))
     return rec if rec.problem else transition(rec, "Loading", now, "", f"loading {rec.ready.digest}")
 
@@ -174,21 +177,13 @@ def plan(desired: DesiredAdapters | None, records: Mapping[str, Record], engine:
         return Plan(dict(records), [])
     out: dict[str, Record] = {}
     actions: list[Action] = []
-    for index, item in enumerate(desired.adapters):
+    # No cap at max_cpu_loras: in vLLM it is the size of the worker's LRU cache of loaded weights, and any
+    # number of names can be registered (adapters beyond it are read from disk again when requested).
+    for item in desired.adapters:
         want = Want(item.name, item.uri, item.digest)
         rec = records.get(item.name)
         if rec is None or rec.want != want:
             rec = Record(want=want, since=now)
-        if rec.problem is not None and rec.problem.reason == Reason.TOO_MANY_ADAPTERS:
-            rec = replace(rec, problem=None)
-        if index >= desired.max_cpu_loras:
-            rec = replace(rec, problem=Problem(Reason.TOO_MANY_ADAPTERS,
-                                               f"adapter #{index + 1} exceeds vllm.maxCpuLoras "
-                                               f"({desired.max_cpu_loras})", permanent=True))
-            if engine is not None and engine.healthy and item.name in engine.adapters:
-                actions.append(Unload(item.name))
-            out[item.name] = _show_problem(rec, now)
-            continue
         out[item.name] = _step(rec, engine, now, actions)
     if engine is not None and engine.healthy:
         for name in engine.adapters:
