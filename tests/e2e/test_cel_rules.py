@@ -46,6 +46,8 @@ def with_(base: Obj, **changes: Any) -> Obj:
 BAD_LORAJOBS = {
     "eval-split-and-uri": with_(LORAJOB, dataset__evalSplit=0.2, dataset__evalUri="pvc://data/eval.jsonl"),
     "quantization-with-lora": with_(LORAJOB, method="lora", quantization={"quantType": "nf4"}),
+    "fsdp-one-process": with_(LORAJOB, distributed={"strategy": "fsdp"}, resources={"gpus": 1, "nodes": 1}),
+    "fsdp-default-resources": with_(LORAJOB, distributed={"strategy": "fsdp"}),
 }
 BAD_DEPLOYMENTS = {
     "cpu-loras-below-gpu-loras": with_(DEPLOYMENT, vllm={"maxLoras": 8, "maxCpuLoras": 4}),
@@ -110,6 +112,9 @@ def test_good_specs_are_stored(cluster: LocalCluster, namespace: str) -> None:
     AdapterDeploymentSpec.model_validate(DEPLOYMENT)
     cluster.kube.create(f"{API}/{namespace}/lorajobs", manifest("LoRAJob", "good", lorajob))
     cluster.kube.create(f"{API}/{namespace}/adapterdeployments", manifest("AdapterDeployment", "good", DEPLOYMENT))
+    fsdp = with_(LORAJOB, distributed={"strategy": "fsdp"}, resources={"gpus": 0, "nodes": 2})
+    LoRAJobSpec.model_validate(fsdp)
+    cluster.kube.create(f"{API}/{namespace}/lorajobs", manifest("LoRAJob", "good-fsdp", fsdp))
 
 
 def test_training_fields_are_frozen_while_a_run_is_in_progress(cluster: LocalCluster, namespace: str) -> None:

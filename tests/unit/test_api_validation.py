@@ -98,6 +98,36 @@ def test_quantization_only_with_qlora() -> None:
     assert LoRAJobSpec.model_validate(with_value(JOB, "method", "lora")).effective_quantization is None
 
 
+@pytest.mark.parametrize(("resources", "ok"), [
+    pytest.param({}, False, id="one-gpu"),
+    pytest.param({"nodes": 1, "gpus": 0}, False, id="one-cpu-process"),
+    pytest.param({"gpus": 2}, True, id="two-gpus"),
+    pytest.param({"nodes": 2, "gpus": 0}, True, id="two-cpu-nodes"),
+])
+def test_fsdp_needs_more_than_one_process(resources: dict[str, Any], ok: bool) -> None:
+    doc = {**JOB, "resources": resources, "distributed": {"strategy": "fsdp"}}
+    if ok:
+        assert LoRAJobSpec.model_validate(doc).distributed.strategy == "fsdp"
+        return
+    with pytest.raises(ValidationError, match="fsdp shards the model over several processes"):
+        LoRAJobSpec.model_validate(doc)
+
+
+@pytest.mark.parametrize(("resources", "world"), [
+    pytest.param({}, 1, id="default"), pytest.param({"gpus": 8}, 8, id="8-gpus"),
+    pytest.param({"nodes": 2, "gpus": 0}, 2, id="2-cpu-nodes"), pytest.param({"nodes": 4, "gpus": 8}, 32, id="4x8"),
+])
+def test_world_size_is_gpus_per_node_times_nodes(resources: dict[str, Any], world: int) -> None:
+    spec = LoRAJobSpec.model_validate({**JOB, "resources": resources})
+    assert spec.world_size == world and spec.distributed.strategy == "auto"
+
+
+def test_node_count_is_bounded() -> None:
+    for nodes in (0, 65):
+        with pytest.raises(ValidationError, match="nodes"):
+            LoRAJobSpec.model_validate({**JOB, "resources": {"nodes": nodes}})
+
+
 def test_eval_split_and_eval_uri_are_exclusive() -> None:
     doc = with_value(JOB, "dataset.evalSplit", 0.2)
     doc["dataset"]["evalUri"] = "pvc://datasets/eval.jsonl"

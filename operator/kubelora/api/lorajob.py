@@ -25,6 +25,13 @@ TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantiz
 
 EVAL_SPLIT_XOR_URI = Rule("!has(self.evalUri) || !has(self.evalSplit) || self.evalSplit == 0.0",
                           "dataset: set either evalSplit or evalUri, not both")
+FSDP_NEEDS_PROCESSES = Rule(
+    "!has(self.distributed) || !has(self.distributed.strategy) || self.distributed.strategy != 'fsdp' || "
+    "(has(self.resources) && ((has(self.resources.nodes) && self.resources.nodes > 1) || "
+    "(has(self.resources.gpus) && self.resources.gpus > 1)))",
+    "distributed.strategy fsdp shards the model over several processes: set resources.nodes > 1 or "
+    "resources.gpus > 1, or use strategy auto or ddp", field_path=".distributed.strategy")
+MAX_NODES = 64
 QUANTIZATION_ONLY_FOR_QLORA = Rule(
     "self.method == 'qlora' || !has(self.quantization)",
     "quantization is only used with method: qlora; remove it or set method: qlora", field_path=".quantization")
@@ -126,6 +133,29 @@ class TrainingSpec(ApiModel):
     seed: int = Field(default=42, ge=0)
 
 
+class TrainingResources(Resources):
+    """Compute for the training pods: `gpus` on each of `nodes` pods; pre-flight runs on one small CPU pod."""
+
+    gpus: int = Field(default=1, ge=0, le=16)
+    """`nvidia.com/gpu` per node (per pod), one training process each. 0 runs on CPU, one process per node
+    (slow; for local clusters and tests)."""
+    nodes: int = Field(default=1, ge=1, le=MAX_NODES)
+    """Pods (nodes) that train together. 1: one pod, one Job. More: an Indexed Job of that many pods plus a
+    headless Service; the pods rendezvous at pod 0 (torchrun, c10d) and restart together from the newest
+    checkpoint when one is lost. The output (checkpoints) must be on storage every node reaches: a
+    ReadWriteMany claim or s3://."""
+
+
+class DistributedSpec(ApiModel):
+    """How the processes of a multi-GPU or multi-node run share the work (PyTorch distributed)."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    """ddp: every process holds the whole (frozen) base and a LoRA replica, gradients are all-reduced.
+    fsdp: base weights, LoRA weights, gradients and optimizer state are sharded over all processes (FSDP2);
+    with qlora the 4-bit storage dtype is set to the compute dtype, as FSDP needs one float dtype to shard.
+    auto: ddp when pre-flight's memory estimate fits one GPU, fsdp otherwise. Ignored with a single process."""
+
+
 class OutputSpec(ApiModel):
     """Where the adapter is published (rev-<revision>/ below this URI)."""
 
@@ -137,7 +167,7 @@ class OutputSpec(ApiModel):
 class LoRAJobSpec(ApiModel):
     """Desired state of a LoRAJob."""
 
-    model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA))
+    model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA, FSDP_NEEDS_PROCESSES))
 
     base_model: BaseModelSource
     dataset: DatasetSource
@@ -148,7 +178,8 @@ class LoRAJobSpec(ApiModel):
     quantization: QuantizationSpec | None = None
     """qlora only; defaults to nf4 + double quant + bfloat16 compute."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
-    resources: Resources = Field(default_factory=Resources)
+    resources: TrainingResources = Field(default_factory=TrainingResources)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     image: str = ""
     """Trainer image; empty uses the operator's default."""
     backoff_limit: int = Field(default=2, ge=0, le=20)
@@ -164,6 +195,17 @@ class LoRAJobSpec(ApiModel):
         if self.method == "lora" and self.quantization is not None:
             raise ValueError(QUANTIZATION_ONLY_FOR_QLORA.message)
         return self
+
+    @model_validator(mode="after")
+    def _fsdp_needs_processes(self) -> LoRAJobSpec:
+        if self.distributed.strategy == "fsdp" and self.resources.nodes <= 1 and self.resources.gpus <= 1:
+            raise ValueError(FSDP_NEEDS_PROCESSES.message)
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per GPU on every node, one per node on CPU (gpus: 0)."""
+        return self.resources.nodes * max(1, self.resources.gpus)
 
     @property
     def effective_quantization(self) -> QuantizationSpec | None:
