@@ -271,15 +271,104 @@ def test_limits_and_errors_are_vllm_like(client: httpx.Client) -> None:
     rank = load(client, "big", assets.big)
     assert rank.status_code == 400
     assert rank.json()["error"]["message"] == "LoRA rank 32 is greater than max_lora_rank 16."
-    assert load(client, "a2", assets.a2).status_code == 200
-    full = load(client, "a3", assets.a1)
-    assert full.status_code == 400 and "--max-cpu-loras is 2" in full.json()["error"]["message"]
     nowhere = load(client, "x", assets.root / "nowhere")
     assert nowhere.status_code == 404 and "No adapter found" in nowhere.json()["error"]["message"]
     assert client.post("/v1/load_lora_adapter", json={"lora_name": "x"}).status_code == 400
     long = chat(client, "tiny", max_tokens=1000)
     assert long.status_code == 400 and "maximum context length is 128" in long.json()["error"]["message"]
     assert client.post("/v1/chat/completions", json={"model": "tiny"}).status_code == 400
+
+
+def test_more_adapters_than_max_cpu_loras_register_and_evicted_ones_are_read_back(
+        client: httpx.Client, engine: InProcessEngine) -> None:
+    """--max-cpu-loras 2 is an LRU of weights, as in vLLM: a third name registers, the least recently used
+    weights leave memory, and a request for an evicted adapter reads it back and answers as before."""
+    assets = tiny_assets()
+    assert load(client, "a1", assets.a1).status_code == 200
+    first = text_of(chat(client, "a1"))
+    assert load(client, "a2", assets.a2).status_code == 200
+    assert load(client, "a3", assets.a2).status_code == 200
+    assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "a1", "a2", "a3"]
+    assert engine.host.resident() == ["a2", "a3"]
+    assert text_of(chat(client, "a1")) == first == reference(assets.base, assets.a1)
+    assert engine.host.resident() == ["a3", "a1"]
+
+
+# vLLM's own BADREQUEST_CASES (tests/entrypoints/openai/test_lora_adapters.py): config change -> message.
+VLLM_BADREQUEST_CASES = [
+    ({"r": 1024}, "is greater than max_lora_rank"),
+    ({"bias": "all"}, "Adapter bias cannot be used without bias_enabled"),
+    ({"use_dora": True}, "does not yet support DoRA"),
+    ({"modules_to_save": ["lm_head"]}, "only supports modules_to_save being None"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), VLLM_BADREQUEST_CASES)
+def test_adapters_vllm_refuses_are_refused_with_its_400(client: httpx.Client, tmp_path: Path,
+                                                        change: dict[str, Any], expected: str) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_assets().a1, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    resp = load(client, "bad", bad)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["type"] == "BadRequestError" and error["code"] == 400 and expected in error["message"]
+    assert "bad" not in [c["id"] for c in client.get("/v1/models").json()["data"]]
+
+
+def test_a_broken_adapter_folder_is_a_400_and_a_missing_one_a_404(client: httpx.Client, tmp_path: Path) -> None:
+    notjson = tmp_path / "notjson"
+    notjson.mkdir()
+    (notjson / "adapter_config.json").write_text("this is not json")
+    resp = load(client, "invalid-json", notjson)
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "BadRequestError"
+    assert resp.json()["error"]["message"].startswith("Expecting value")
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(tiny_assets().a1 / "adapter_config.json", noweights / "adapter_config.json")
+    resp = load(client, "noweights", noweights)
+    assert resp.status_code == 400 and resp.json()["error"]["message"] == f"{noweights} doesn't contain tensors"
+    resp = load(client, "notfound", Path("/not/an/adapter"))
+    assert resp.status_code == 404 and resp.json()["error"]["type"] == "NotFoundError"
+
+
+def test_one_model_card_by_id(client: httpx.Client) -> None:
+    assets = tiny_assets()
+    load(client, "a1", assets.a1)
+    card = client.get("/v1/models/a1").json()
+    assert (card["id"], card["root"], card["parent"]) == ("a1", str(assets.a1), "tiny")
+    assert client.get("/v1/models/tiny").json()["parent"] is None
+    missing = client.get("/v1/models/ghost")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"
+
+
+def test_vllm_metrics_name_the_adapters_in_flight(client: httpx.Client) -> None:
+    assets = tiny_assets()
+    load(client, "a1", assets.a1)
+    text_of(chat(client, "a1"))
+    metrics = client.get("/metrics").text
+    assert 'vllm:request_success_total{finished_reason="length",model_name="a1"}' in metrics
+    assert 'vllm:e2e_request_latency_seconds_count{model_name="a1"}' in metrics
+    assert 'vllm:generation_tokens_total{model_name="a1"}' in metrics
+    assert 'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in metrics
+    seen: list[str] = []
+
+    def scrape_while_generating() -> None:
+        with httpx.Client(base_url=client.base_url, timeout=60) as other:
+            for _ in range(200):
+                line = next((x for x in other.get("/metrics").text.splitlines()
+                             if x.startswith("vllm:lora_requests_info{")), "")
+                if 'running_lora_adapters="a1"' in line:
+                    seen.append(line)
+                    return
+                time.sleep(0.005)
+
+    with ThreadPoolExecutor(2) as pool:
+        scraper = pool.submit(scrape_while_generating)
+        pool.submit(lambda: chat(client, "a1", max_tokens=64)).result()
+        scraper.result()
+    assert seen, "a scrape during generation names the running adapter"
 
 
 def test_load_inplace_swaps_the_weights_under_the_same_name(client: httpx.Client) -> None:

@@ -12,13 +12,16 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kubelora_server.engine.host import Delta, ModelHost
 from kubelora_server.engine.protocol import (
@@ -34,6 +37,7 @@ from kubelora_server.engine.protocol import (
     completion_chunk,
     completion_response,
     model_card,
+    model_not_found,
     new_id,
     now,
     usage_chunk,
@@ -54,14 +58,66 @@ log = logging.getLogger(__name__)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class LoraInfoCollector(Collector):
+    """vLLM's ``vllm:lora_requests_info``: a gauge (value: the time of the scrape) whose labels carry the
+    adapters with running and waiting requests, comma-separated, and ``max_lora``. Inference gateways read
+    the labels for LoRA affinity; like vLLM it appears only after the first adapter request."""
+
+    def __init__(self, host: ModelHost) -> None:
+        self.host = host
+
+    def collect(self) -> Iterator[Metric]:
+        host = self.host
+        base = host.args.served_model_name
+        running = sorted(n for n in dict(host.running) if n != base)
+        waiting = sorted(n for n in dict(host.waiting) if n != base)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests holding the model.",
+                                value=sum(dict(host.running).values()))
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests queued for the model.",
+                                value=sum(dict(host.waiting).values()))
+        if host.adapter_requests_seen:
+            info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                     labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"])
+            info.add_metric([",".join(running), str(host.args.max_loras), ",".join(waiting)], time.time())
+            yield info
+
+
 class EngineMetrics:
-    def __init__(self) -> None:
+    """vLLM's metric names (``vllm:`` prefix, ``model_name`` label) so dashboards and gateways built for vLLM
+    read the CPU engine too; plus the engine's own adapter gauge."""
+
+    def __init__(self, host: ModelHost | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("kubelora_engine_requests_total", "Completion requests by model and endpoint",
                                 ["model", "endpoint"], registry=self.registry)
         self.tokens = Counter("kubelora_engine_generation_tokens_total", "Generated tokens by model", ["model"],
                               registry=self.registry)
         self.adapters = Gauge("kubelora_engine_lora_adapters", "Loaded LoRA adapters", registry=self.registry)
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                               ["model_name", "finished_reason"], registry=self.registry)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", ["model_name"],
+                                     registry=self.registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                                         ["model_name"], registry=self.registry)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             ["model_name"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              ["model_name"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        if host is not None:
+            self.registry.register(LoraInfoCollector(host))
+
+    def finished(self, model: str, reasons: list[FinishReason], prompt_tokens: int, produced: int,
+                 started: float, first_token: float | None) -> None:
+        for reason in reasons:
+            self.success.labels(model, reason or "abort").inc()
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(produced)
+        self.e2e.labels(model).observe(time.monotonic() - started)
+        if first_token is not None:
+            self.ttft.labels(model).observe(first_token - started)
 
 
 async def generate_deltas(host: ModelHost, model: str | None, prompt: list[int],
@@ -111,7 +167,7 @@ def _sse(data: dict[str, Any] | str) -> str:
 def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> FastAPI:
     """The FastAPI app; ``allow_runtime_lora`` defaults to ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``."""
     app = FastAPI(title="kubelora-cpu-engine", docs_url=None, redoc_url=None)
-    metrics = EngineMetrics()
+    metrics = EngineMetrics(host)
     served = host.args.served_model_name
 
     @app.exception_handler(EngineError)
@@ -141,6 +197,16 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
         cards += [model_card(a.name, a.path, served, None, a.created) for a in host.adapters()]
         return {"object": "list", "data": cards}
 
+    @app.get(MODELS_PATH + "/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """One card by id (OpenAI's retrieve-model route), 404 in vLLM's error shape for an unknown id."""
+        if model_id == served:
+            return model_card(served, host.args.model, None, host.max_model_len, host.created)
+        for a in host.adapters():
+            if a.name == model_id:
+                return model_card(a.name, a.path, served, None, a.created)
+        raise model_not_found(model_id)
+
     def check_common(req: SamplingFields) -> str:
         host.resolve(req.model)
         if req.n != 1:
@@ -155,21 +221,27 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
         metrics.requests.labels(model_name, endpoint).inc()
         rid, created = new_id("chatcmpl" if endpoint == "chat" else "cmpl"), now()
         prompt_tokens = sum(len(p) for p in prompts)
+        started = time.monotonic()
         if not req.stream:
             outs: list[tuple[str, FinishReason]] = []
             produced = 0
+            first_token: float | None = None
             for i, prompt in enumerate(prompts):
                 text, finish = echo[i], None
                 async for delta in generate_deltas(host, req.model, prompt, sampling_params(req, max_tokens[i])):
+                    first_token = first_token or time.monotonic()
                     text += delta.text
                     if delta.finish:
                         finish, produced = delta.finish, produced + delta.completion_tokens
                 outs.append((text, finish))
             metrics.tokens.labels(model_name).inc(produced)
+            metrics.finished(model_name, [f for _, f in outs], prompt_tokens, produced, started, first_token)
             return JSONResponse(whole(rid, model_name, created, outs, prompt_tokens, produced))
 
         async def events() -> AsyncIterator[str]:
             produced = 0
+            first_token: float | None = None
+            finishes: list[FinishReason] = []
             try:
                 for i, prompt in enumerate(prompts):
                     opening = first(rid, model_name, created, i)
@@ -179,8 +251,10 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
                         yield _sse(chunk(rid, model_name, created, echo[i], index=i))
                     async for delta in generate_deltas(host, req.model, prompt,
                                                        sampling_params(req, max_tokens[i])):
+                        first_token = first_token or time.monotonic()
                         if delta.finish:
                             produced += delta.completion_tokens
+                            finishes.append(delta.finish)
                         if delta.text or delta.finish:
                             yield _sse(chunk(rid, model_name, created, delta.text, delta.finish, index=i))
                 if req.stream_options is not None and req.stream_options.include_usage:
@@ -191,6 +265,7 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
                 log.exception("generation failed")
                 yield _sse(error_body(str(exc), "InternalServerError", 500))
             metrics.tokens.labels(model_name).inc(produced)
+            metrics.finished(model_name, finishes, prompt_tokens, produced, started, first_token)
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -7,6 +7,7 @@ Unknown flags are accepted and ignored with a warning, so the operator can hand 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class EngineArgs:
     max_cpu_loras: int = 1
     max_model_len: int | None = None
     lora_modules: dict[str, str] = field(default_factory=dict)
+    enable_lora_bias: bool = False
     dtype: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
@@ -36,6 +38,15 @@ class EngineArgs:
 
 
 def _lora_module(value: str) -> tuple[str, str]:
+    """vLLM's two spellings: ``name=path``, or JSON ``{"name": ..., "path": ..., "base_model_name": ...}``."""
+    if value.lstrip().startswith("{"):
+        try:
+            data = json.loads(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid JSON for --lora-modules: {exc}") from None
+        if not isinstance(data, dict) or not data.get("name") or not data.get("path"):
+            raise argparse.ArgumentTypeError(f"--lora-modules JSON needs 'name' and 'path', got {value!r}")
+        return str(data["name"]), str(data["path"])
     name, sep, path = value.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
@@ -57,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loras", type=int, default=1, help="adapters per batch (accepted for parity)")
     p.add_argument("--max-lora-rank", type=int, default=16, choices=LORA_RANKS, help="largest rank accepted")
     p.add_argument("--max-cpu-loras", type=int, default=None,
-                   help="most adapters loaded at once (default: --max-loras; must be >= it)")
+                   help="adapters whose weights stay in memory, least recently used evicted; any number can be "
+                        "registered (default: --max-loras; must be >= it)")
+    p.add_argument("--enable-lora-bias", action="store_true",
+                   help="accept adapters with bias other than none (like vLLM's flag)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
-    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH",
-                   help="adapters to load at start-up")
+    p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH|JSON",
+                   help="adapters to load at start-up: name=path or vLLM's JSON form")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (auto: float32, the fast one on most CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
@@ -89,6 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineArgs:
     return EngineArgs(
         model=model, served_model_name=served, host=ns.host, port=ns.port, enable_lora=ns.enable_lora,
         max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=max_cpu,
-        max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules), dtype=ns.dtype, seed=ns.seed,
+        max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules), enable_lora_bias=ns.enable_lora_bias,
+        dtype=ns.dtype, seed=ns.seed,
         tokenizer=ns.tokenizer, revision=ns.revision, ignored=tuple(unknown),
     )

@@ -7,6 +7,12 @@ serialised by a lock: one request at a time, which is what a CPU with one model 
 Adapters get internal peft names (``lora1``, ``lora2``...) because peft module names cannot contain the
 dots that adapter names may (``support.v2``), and because a new version can then be loaded beside the old
 one and swapped in only when it loaded (``load_inplace`` never leaves the name without an adapter).
+
+Registration is not residency, as in vLLM: any number of names can be registered; at most
+``--max-cpu-loras`` adapters' weights are kept in the model, least recently used evicted first, and a
+registered adapter that was evicted is read from its path again when a request names it. A load is
+checked as vLLM checks it (:mod:`kubelora_server.peft_rules`, the same messages) and loaded once to
+prove the weights fit, so what vLLM refuses this engine refuses with vLLM's 400.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +35,7 @@ from kubelora.api.uris import FileURI, HfURI, PvcURI, URIError, parse_uri
 from kubelora_server.engine.config import EngineArgs
 from kubelora_server.engine.protocol import EngineError, FinishReason, model_not_found
 from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token
+from kubelora_server.peft_rules import vllm_refusal_message
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -54,7 +62,6 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
 class Adapter:
     name: str
     path: str
-    peft_name: str
     rank: int
     created: int
 
@@ -90,7 +97,15 @@ class ModelHost:
         self.created = int(time.time())
         self._lock = threading.Lock()
         self._adapters: dict[str, Adapter] = {}
+        self._resident: OrderedDict[str, str] = OrderedDict()
+        """adapter name -> peft adapter name, least recently used first (vLLM's LRU of --max-cpu-loras)."""
         self._ids = itertools.count(1)
+        self._counts = threading.Lock()
+        self.waiting: dict[str, int] = {}
+        """requests queued for the model, by model name (what vLLM's scheduler calls waiting)."""
+        self.running: dict[str, int] = {}
+        self.adapter_requests_seen = False
+        """vLLM publishes vllm:lora_requests_info only once an adapter request has been scheduled."""
         if args.enable_lora:
             import peft  # noqa: F401 - seconds of imports paid before /health answers, not on the first load
         log.info("loaded %s (%s) in %.1fs; max_model_len %d", args.model, path, time.monotonic() - started,
@@ -135,36 +150,63 @@ class ModelHost:
                               "If you want to load the adapter in place, set 'load_inplace' to True.")
         config = self._read_adapter_config(name, path)
         rank = max([int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
-        if rank > self.args.max_lora_rank:
-            raise EngineError(400, "BadRequestError",
-                              f"LoRA rank {rank} is greater than max_lora_rank {self.args.max_lora_rank}.")
         with self._lock:
             if name in self._adapters and not inplace:
                 raise EngineError(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded.")
-            if name not in self._adapters and len(self._adapters) >= self.args.max_cpu_loras:
-                raise EngineError(400, "BadRequestError",
-                                  f"Cannot load LoRA adapter '{name}': {len(self._adapters)} adapters are "
-                                  f"loaded and --max-cpu-loras is {self.args.max_cpu_loras}.")
             peft_name = f"lora{next(self._ids)}"
             self._peft_load(name, path, peft_name)
-            old = self._adapters.get(name)
-            self._adapters[name] = Adapter(name, path, peft_name, rank, int(time.time()))
+            old = self._resident.pop(name, None)
+            self._adapters[name] = Adapter(name, path, rank, int(time.time()))
+            self._resident[name] = peft_name
             if old is not None:
-                self._peft_delete(old.peft_name)
+                self._peft_delete(old)
+            self._evict()
         log.info("loaded LoRA adapter %s (rank %d) from %s", name, rank, path)
 
+    def resident(self) -> list[str]:
+        """Adapters whose weights are in the model, least recently used first."""
+        return list(self._resident)
+
+    def _evict(self) -> None:
+        """Drop least recently used weights beyond --max-cpu-loras (the most recent one always stays)."""
+        while len(self._resident) > max(1, self.args.max_cpu_loras):
+            name, peft_name = self._resident.popitem(last=False)
+            self._peft_delete(peft_name)
+            log.info("evicted LoRA adapter %s from memory (still registered)", name)
+
+    def _activate(self, adapter: Adapter) -> str:
+        """The peft name serving ``adapter``, reading it from disk again if it was evicted. Holds the lock."""
+        peft_name = self._resident.get(adapter.name)
+        if peft_name is not None:
+            self._resident.move_to_end(adapter.name)
+            return peft_name
+        peft_name = f"lora{next(self._ids)}"
+        self._peft_load(adapter.name, adapter.path, peft_name)
+        self._resident[adapter.name] = peft_name
+        self._evict()
+        return peft_name
+
     def _read_adapter_config(self, name: str, path: str) -> dict[str, Any]:
+        """vLLM's reading: no adapter_config.json is "No adapter found" (404); anything wrong with a folder
+        that has one is a 400 BadRequestError with the error's own text, as ``add_lora`` raised it."""
         directory = Path(path)
         config_file = directory / "adapter_config.json"
-        if not config_file.is_file() or not any((directory / w).is_file() for w in WEIGHT_FILES):
+        if not config_file.is_file():
             raise EngineError(404, "NotFoundError", f"Loading lora {name} failed: No adapter found for {path}")
         try:
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as exc:
-            raise EngineError(400, "BadRequestError", f"Loading lora {name} failed: {exc}") from None
-        if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "LORA":
-            found = config.get("peft_type") if isinstance(config, dict) else None
-            raise EngineError(400, "BadRequestError", f"Loading lora {name} failed: peft_type {found!r} is not LORA")
+            raise EngineError(400, "BadRequestError", str(exc)) from None
+        if not isinstance(config, dict):
+            raise EngineError(400, "BadRequestError", f"{config_file} is not a JSON object")
+        refused = vllm_refusal_message(config, self.args.max_lora_rank, self.args.enable_lora_bias)
+        if refused is not None:
+            raise EngineError(400, "BadRequestError", refused)
+        if str(config.get("peft_type", "LORA")).upper() != "LORA":
+            raise EngineError(400, "BadRequestError", f"Loading lora {name} failed: peft_type "
+                              f"{config.get('peft_type')!r} is not LORA")
+        if not any((directory / w).is_file() for w in WEIGHT_FILES):
+            raise EngineError(400, "BadRequestError", f"{path} doesn't contain tensors")
         return config
 
     def _peft_load(self, name: str, path: str, peft_name: str) -> None:
@@ -199,10 +241,11 @@ class ModelHost:
         if not name:
             raise EngineError(400, "InvalidUserInput", "'lora_name' needs to be provided to unload a LoRA adapter.")
         with self._lock:
-            adapter = self._adapters.pop(name, None)
-            if adapter is None:
+            if self._adapters.pop(name, None) is None:
                 raise EngineError(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
-            self._peft_delete(adapter.peft_name)
+            peft_name = self._resident.pop(name, None)
+            if peft_name is not None:
+                self._peft_delete(peft_name)
         log.info("unloaded LoRA adapter %s", name)
 
     # ---- prompts ---------------------------------------------------------------------------------------
@@ -243,18 +286,42 @@ class ModelHost:
     def generate(self, model: str | None, prompt: list[int], params: SamplingParams,
                  cancel: threading.Event | None = None) -> Iterator[Delta]:
         """Text deltas for one completion; the last has ``finish`` set. Holds the lock until exhausted."""
-        with self._lock:
-            adapter = self.resolve(model)
-            if self._peft is None or adapter is None:
-                net = self._peft if self._peft is not None else self._base
-                if self._peft is not None:
-                    with self._peft.disable_adapter():
-                        yield from self._decode_loop(net, prompt, params, cancel)
-                else:
-                    yield from self._decode_loop(net, prompt, params, cancel)
-            else:
-                self._peft.set_adapter(adapter.peft_name)
+        key = model or self.args.served_model_name
+        self._count(self.waiting, key, 1)
+        queued = True
+        try:
+            with self._lock:
+                self._count(self.waiting, key, -1)
+                queued = False
+                self._count(self.running, key, 1)
+                try:
+                    yield from self._generate_locked(model, prompt, params, cancel)
+                finally:
+                    self._count(self.running, key, -1)
+        finally:
+            if queued:
+                self._count(self.waiting, key, -1)
+
+    def _count(self, table: dict[str, int], key: str, by: int) -> None:
+        with self._counts:
+            table[key] = table.get(key, 0) + by
+            if table[key] <= 0:
+                del table[key]
+            if by > 0 and key != self.args.served_model_name:
+                self.adapter_requests_seen = True
+
+    def _generate_locked(self, model: str | None, prompt: list[int], params: SamplingParams,
+                         cancel: threading.Event | None) -> Iterator[Delta]:
+        adapter = self.resolve(model)
+        if adapter is not None:
+            peft_name = self._activate(adapter)  # may read evicted weights back (and create the PeftModel)
+            self._peft.set_adapter(peft_name)
+            yield from self._decode_loop(self._peft, prompt, params, cancel)
+        elif self._peft is not None:
+            with self._peft.disable_adapter():
                 yield from self._decode_loop(self._peft, prompt, params, cancel)
+        else:
+            yield from self._decode_loop(self._base, prompt, params, cancel)
 
     def _decode_loop(self, net: Any, prompt: list[int], params: SamplingParams,
                      cancel: threading.Event | None) -> Iterator[Delta]:
