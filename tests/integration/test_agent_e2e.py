@@ -258,3 +258,33 @@ def test_desired_set_changes_are_applied_in_place(stack: Stack) -> None:
             == sorted(Path(r).name for r in stack.engine_adapters().values())
         ),
     )
+
+
+def test_a_refused_new_version_leaves_the_old_one_answering(stack: Stack) -> None:
+    """The engine refuses the new weights (not a safetensors file, but signed, so the agent's checks pass):
+    the old version keeps answering under the name through the whole attempt, and the status says why."""
+    from kubelora_server.testing import write_manifest
+
+    root = stack.engine_adapters()["live"]
+    before = stack.chat("live")
+    live = stack.src / "live"
+    (live / "adapter_model.safetensors").write_bytes(b"these are not safetensors " * 64)
+    digest = write_manifest(live, str(stack.base)).digest
+    stack.write_desired(["good1", "live"], pins={"live": digest})
+    answers: list[str] = []
+
+    def refused() -> bool:
+        answers.append(stack.chat("live"))
+        state, reason = stack.states()["live"]
+        return reason == "LoadFailed" and state == "Failed"
+
+    try:
+        wait_for("the refusal", refused, timeout=90)
+    except AssertionError:
+        raise AssertionError(stack.logs()) from None
+    assert set(answers) == {before}, "every request during the attempt got the old version"
+    assert stack.engine_adapters()["live"] == root
+    assert not [n for n in stack.engine_adapters() if "~" in n], "the probe name is gone"
+    report = {a["name"]: a for a in stack.report()["adapters"]}["live"]
+    assert "refused" in report["message"] and "still serving the previous version" in report["message"]
+    assert stack.ready()
