@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -30,6 +31,12 @@ class ApiModel(BaseModel):
         use_attribute_docstrings=True,
         validate_default=True,
     )
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        """Parse a stored object as the API server typed it: strict JSON types (no ``"5"`` or ``true`` for
+        an integer), as the CRD schema demands, so the model and the CRD agree on what is valid."""
+        return cls.model_validate_json(json.dumps(data), strict=True)
 
     def wire(self) -> dict[str, Any]:
         """The JSON-ready dict as stored in Kubernetes (camelCase, no unset optionals)."""
@@ -69,7 +76,8 @@ class Toleration(ApiModel):
     key: str | None = None
     operator: Literal["Equal", "Exists"] = "Equal"
     value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    """Empty matches every effect (as in core/v1)."""
     toleration_seconds: int | None = Field(default=None, ge=0)
 
 

@@ -18,7 +18,7 @@ from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploym
 def parse_spec(body: Mapping[str, Any]) -> tuple[AdapterDeploymentSpec | None, str | None]:
     """The typed spec, or why it is invalid (rules the CRD schema could not express)."""
     try:
-        return AdapterDeploymentSpec.model_validate(body.get("spec") or {}), None
+        return AdapterDeploymentSpec.from_wire(body.get("spec") or {}), None
     except ValidationError as exc:
         problems = [f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}" for err in exc.errors()]
         return None, "invalid spec: " + "; ".join(problems)

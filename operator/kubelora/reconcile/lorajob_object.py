@@ -75,7 +75,7 @@ def parse_lorajob(body: Mapping[str, Any]) -> LoRAJobObject:
     raw_spec = body.get("spec") or {}
     stored: Mapping[str, Any] = body.get("status") or {}
     try:
-        spec: LoRAJobSpec | None = LoRAJobSpec.model_validate(raw_spec)
+        spec: LoRAJobSpec | None = LoRAJobSpec.from_wire(raw_spec)
         invalid = ""
     except ValidationError as exc:
         spec, invalid = None, clip(pydantic_message(exc))
