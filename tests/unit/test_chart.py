@@ -169,3 +169,46 @@ def test_no_admission_webhook_is_installed() -> None:
     assert not [d for d in docs if d["kind"] == "Service" and "webhook" in d["metadata"]["name"]]
     rules = [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
     assert not [r for r in rules if "admissionregistration.k8s.io" in r["apiGroups"]]
+
+
+def test_network_policies_follow_the_code_ports_and_labels() -> None:
+    from kubelora.resources.serving_common import AGENT_PORT, ENGINE_PORT, server_labels
+
+    assert not [d for d in render() if d["kind"] == "NetworkPolicy"], "opt-in"
+    docs = render(*VALUE_SETS["networkpolicy"], "networkPolicy.gateway.namespaceSelector.matchLabels.team=edge")
+    policies = {(d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"] for d in docs
+                if d["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == [("a", "kl-operator-serving"), ("b", "kl-operator-serving"),
+                                ("kubelora-system", "kl-operator")]
+    pod_labels = deployment_of(docs)["spec"]["template"]["metadata"]["labels"]
+    operator = policies["kubelora-system", "kl-operator"]
+    assert operator["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert operator["policyTypes"] == ["Egress"]
+    api, _dns, agents = operator["egress"]
+    assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert agents["ports"] == [{"protocol": "TCP", "port": AGENT_PORT}]
+    serving = server_labels("chat")
+    assert agents["to"][0]["podSelector"]["matchLabels"].items() <= serving.items()
+
+    spec = policies["a", "kl-operator-serving"]
+    assert spec["podSelector"]["matchLabels"].items() <= serving.items(), "selects the pods the operator builds"
+    from_operator, from_gateway = spec["ingress"]
+    assert from_operator["ports"] == [{"protocol": "TCP", "port": AGENT_PORT}]
+    assert from_operator["from"][0]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert from_operator["from"][0]["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "kubelora-system"}}
+    assert from_gateway["ports"] == [{"protocol": "TCP", "port": ENGINE_PORT}]
+    assert from_gateway["from"][0]["namespaceSelector"]["matchLabels"] == {"kubelora.io/gateway": "true",
+                                                                           "team": "edge"}
+
+
+def test_helm_test_pod_checks_crds_and_health() -> None:
+    docs = render()
+    [pod] = [d for d in docs if d["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    script = pod["spec"]["containers"][0]["command"][2]
+    assert "/apis/kubelora.io/v1alpha1" in script and "http://kl-operator.kubelora-system.svc:8080/healthz" in script
+    [service] = [d for d in docs if d["kind"] == "Service"]
+    assert service["metadata"]["name"] == "kl-operator" and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= deployment_of(docs)["spec"]["template"]["metadata"]["labels"].items()
+    compile(script, "helm-test", "exec")  # the check itself is valid python

@@ -16,3 +16,9 @@ app.kubernetes.io/component: operator
 {{- define "kubelora.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}{{ with .Values.image.digest }}@{{ . }}{{ end }}
 {{- end -}}
+{{- /* The labels every AdapterDeployment pod carries (operator/kubelora/resources/serving_common.py server_labels). */ -}}
+{{- define "kubelora.servingPods" -}}
+app.kubernetes.io/name: kubelora-server
+app.kubernetes.io/managed-by: kubelora-operator
+app.kubernetes.io/component: server
+{{- end -}}
