@@ -11,7 +11,7 @@ TORCH_WHEELS := $(HOME)/.cache/kubelora/wheels/torch-2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: cluster-build venv test test-unit test-integration test-e2e lint generate demo demo-down cluster-up cluster-down bench clean
+.PHONY: cluster-build venv test test-unit test-integration test-e2e lint generate demo demo-down cluster-up cluster-down bench clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,7 @@ generate: $(STAMP)
 
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # Kubernetes v1.37 cluster that is built from Go modules once and cached in ~/.cache/kubelora).
-test: lint cluster-build
+test: lint cluster-build prometheus
 	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e -q -rfEs --durations=15
 
 test-unit: $(STAMP)
@@ -44,8 +44,15 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration -q
 
-test-e2e: cluster-build
+test-e2e: cluster-build prometheus
 	$(BIN)/python -m pytest tests/e2e -q -rfEs
+
+# The e2e tests scrape the operator with a real Prometheus: Debian's package, installed when missing (as root,
+# like the rest of `make test`). Its service is left stopped; the tests start their own on a free port.
+prometheus:
+	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends prometheus \
+	  && { systemctl disable --now prometheus 2>/dev/null || true; }; }
 
 # etcd, kube-apiserver, -controller-manager, -scheduler v1.37.2, CoreDNS, kstatus and Kueue from Go modules:
 # ~15 min once on 2 cores, then cached.

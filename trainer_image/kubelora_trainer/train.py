@@ -18,7 +18,6 @@ from typing import Any
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStats
-from kubelora_trainer import distributed as dist
 from kubelora_trainer import mapping
 from kubelora_trainer.checkpoints import RemoteCheckpoints, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits
@@ -94,8 +93,7 @@ def to_dataset(records: list[Record]) -> Any:
 
 
 def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: DatasetSplits, loss: LossPlan,
-                  device: mapping.Device, output_dir: str, callbacks: list[Any] | None = None,
-                  world_size: int = 1) -> Any:
+                  device: mapping.Device, output_dir: str, callbacks: list[Any] | None = None) -> Any:
     """The SFTTrainer this trainer uses (also what the throughput benchmark measures)."""
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -107,9 +105,7 @@ def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: 
     has_eval = bool(splits.eval)
     kwargs = mapping.sft_kwargs(run.spec, output_dir=output_dir, device=device, data_format=splits.format,
                                 has_eval=has_eval, train_rows=len(splits.train),
-                                assistant_only_loss=loss.assistant_only_loss, world_size=world_size)
-    if kwargs.get("fsdp") and device.is_cpu:
-        dist.enable_cpu_fsdp()
+                                assistant_only_loss=loss.assistant_only_loss)
     args = SFTConfig(**kwargs)
     trainer = SFTTrainer(
         model=model,
@@ -150,11 +146,7 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     """Train (or resume) and publish; returns the TrainerResult. Raises TrainerError on known failures."""
     hooks = hooks or Hooks()
     spec = run.spec
-    rank = dist.current_rank()
-    device = detect_device()
-    dist.init(rank, cuda=not device.is_cpu)
-    # Every rank takes rank 0's view of the shared output, so all of them take the same branch.
-    done = dist.broadcast(existing_adapter(run) if rank.is_main else None, rank)
+    done = existing_adapter(run)
     if done is not None:
         manifest, info = done
         log.info("revision %d is already published and verifies (%s): nothing to do", run.revision, info.digest)
@@ -163,17 +155,15 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
 
     pre = preflight(run, tokenizer_only=True)  # reject bad input before downloading any weights
     model_ref = resolve_base_model(spec.base_model.uri, tokenizer_only=False)
-    strategy = mapping.plan_strategy(spec, rank.world_size)
-    if rank.is_main:
-        for note in mapping.plan_notes(spec, device, world_size=rank.world_size):
-            (log.warning if "slow" in note else log.info)(note)
+    device = detect_device()
+    for note in mapping.plan_notes(spec, device):
+        (log.warning if "slow" in note else log.info)(note)
     precision = mapping.plan_precision(spec.method, spec.effective_quantization, device)
-    bnb = (mapping.bnb_kwargs(spec.effective_quantization, precision, fsdp=strategy == "fsdp")
+    bnb = (mapping.bnb_kwargs(spec.effective_quantization, precision)
            if spec.method == "qlora" and spec.effective_quantization else None)
 
     t_load = time.monotonic()
-    model = load_base_model(model_ref, spec.method, precision, device, bnb, local_rank=rank.local_rank,
-                            sharded=strategy == "fsdp")
+    model = load_base_model(model_ref, spec.method, precision, device, bnb)
     n4 = count_4bit_linear(model)
     log.info("base model loaded in %.1fs%s", time.monotonic() - t_load,
              f" ({n4} Linear4bit layers)" if spec.method == "qlora" else "")
@@ -181,55 +171,31 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
 
     local_ckpts, remote, ckpt_uri = _checkpoint_dirs(run)
     local_ckpts.mkdir(parents=True, exist_ok=True)
-    resume = _resume_point(local_ckpts, remote, rank)
+    resume = find_resume_checkpoint(local_ckpts)
+    if resume is None and remote is not None:
+        pulled = remote.pull_newest()
+        resume = find_resume_checkpoint(local_ckpts) if pulled else None
 
-    # Only rank 0 reports: one status writer, one log line per step, one uploader of checkpoints.
-    sinks: list[ProgressSink] = []
-    if rank.is_main:
-        sinks = hooks.sinks if hooks.sinks is not None else default_sinks(run.name, run.namespace)
-    tracker = ProgressTracker(sinks, hooks.progress_interval, checkpoint_uri=lambda n: f"{ckpt_uri}/{n}",
-                              quiet=not rank.is_main)
-    on_save = (lambda path: remote.push(Path(path))) if remote is not None and rank.is_main else None
+    sinks = hooks.sinks if hooks.sinks is not None else default_sinks(run.name, run.namespace)
+    tracker = ProgressTracker(sinks, hooks.progress_interval, checkpoint_uri=lambda n: f"{ckpt_uri}/{n}")
+    on_save = (lambda path: remote.push(Path(path))) if remote is not None else None
     stop = GracefulStop()
     trainer = build_trainer(run, model=model, tokenizer=pre.tokenizer, splits=pre.splits, loss=pre.loss,
-                            device=device, output_dir=str(local_ckpts), world_size=rank.world_size,
-                            callbacks=[make_callback(tracker, on_save), stop.callback(rank),
-                                       *hooks.extra_callbacks])
+                            device=device, output_dir=str(local_ckpts),
+                            callbacks=[make_callback(tracker, on_save), stop.callback(), *hooks.extra_callbacks])
     if hooks.on_trainer is not None:
         hooks.on_trainer(trainer)
 
     if resume is not None:
         log.info("resuming from %s at step %d", resume.path, resume.step)
     try:
-        return _train_and_publish(run, trainer, tracker, stop, resume, pre, vocab_before, n4, rank, strategy)
+        return _train_and_publish(run, trainer, tracker, stop, resume, pre, vocab_before, n4)
     finally:
         tracker.close()
 
 
-def _resume_point(local: Path, remote: RemoteCheckpoints | None, rank: dist.Rank) -> Any:
-    """The checkpoint every rank resumes from: rank 0 picks it (and drops incomplete ones), the others follow.
-
-    With s3 outputs each node trains from a local copy: the first process of a node that lacks the chosen
-    checkpoint downloads it before anyone loads it.
-    """
-    resume = None
-    if rank.is_main:
-        resume = find_resume_checkpoint(local)
-        if resume is None and remote is not None:
-            pulled = remote.pull_newest()
-            resume = find_resume_checkpoint(local) if pulled else None
-    resume = dist.broadcast(resume, rank)
-    if resume is not None and remote is not None and not rank.is_main and rank.local_rank == 0 \
-            and not resume.path.is_dir():
-        remote.pull_step(resume.step)
-    dist.barrier(rank)
-    return resume
-
-
 def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTracker, stop: GracefulStop,
-                       resume: Any, pre: Any, vocab_before: int, n4: int, rank: dist.Rank | None = None,
-                       strategy: str = "ddp") -> TrainerResult:
-    rank = rank or dist.Rank()
+                       resume: Any, pre: Any, vocab_before: int, n4: int) -> TrainerResult:
     spec = run.spec
     t_train = time.monotonic()
     stop.install()
@@ -259,14 +225,8 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
     if pre.splits.eval:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     changed_tokenizer = len(pre.tokenizer) != vocab_before
-    # FSDP: every rank takes part in gathering the full adapter; rank 0 alone writes the standard peft files.
-    state_dict = dist.full_state_dict(trainer.model) if strategy == "fsdp" and rank.distributed else None
-    info = None
-    if rank.is_main:
-        _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer,
-                                  state_dict=state_dict)
-        tracker.published(info)
-    info = dist.broadcast(info, rank)
+    _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer)
+    tracker.published(info)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,
                          message=f"trained {int(metrics.get('global_step', 0))} steps; adapter {info.uri}",
                          adapter=info, metrics=metrics, validation=pre.stats)

@@ -26,6 +26,10 @@ def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubelora.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kubelora.io", key="last-handled-configuration")
+    # What kopf turns into Events by itself: its per-object log lines and kopf.info at WARNING and above
+    # only (its INFO lines, "Handler ... succeeded", would be noise). Our own Events do not depend on it:
+    # one Normal Event per phase transition (kopf.event, which this level does not filter) and a Warning
+    # per distinct problem (lorajob_runner.post_transition, adapterdeployment_loop.Supervisor._announce).
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]

@@ -299,8 +299,9 @@ def warn(ref: ObjectRef, reason: str, message: str) -> None:
 
 def post_transition(ref: ObjectRef, plan: Plan) -> None:
     """One Event per phase change. kopf.event, not kopf.info: the operator posts only warnings by level."""
-    message = f"{plan.old_phase or 'New'} -> {plan.phase}: {plan.message}"
-    log.info("LoRAJob %s/%s %s", ref.namespace, ref.name, message)
+    message = f"{plan.old_phase or JobPhase.PENDING} -> {plan.phase}: {plan.message}"  # no status yet: Pending
+    log.info("LoRAJob %s/%s %s", ref.namespace, ref.name, message,
+             extra=_ref_extra((ref.namespace, ref.name), plan.phase))
     obj = kopf.Body(ref.event_body())  # type: ignore[arg-type]
     try:
         if plan.phase == JobPhase.FAILED:

@@ -73,7 +73,8 @@ class Plan:
 
     @property
     def transitioned(self) -> bool:
-        return self.old_phase != self.phase
+        """The phase changed; an object without a status yet counts as Pending (the API default)."""
+        return (self.old_phase or JobPhase.PENDING) != self.phase
 
 
 def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
