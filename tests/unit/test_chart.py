@@ -212,3 +212,23 @@ def test_helm_test_pod_checks_crds_and_health() -> None:
     assert service["metadata"]["name"] == "kl-operator" and service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"].items() <= deployment_of(docs)["spec"]["template"]["metadata"]["labels"].items()
     compile(script, "helm-test", "exec")  # the check itself is valid python
+
+
+def notes(*sets: str) -> str:
+    out = helm("install", "kl", str(CHART), "--namespace", "kubelora-system", "--dry-run=client", *sets_args(sets))
+    return out[out.index("NOTES:"):]
+
+
+@pytest.mark.parametrize("sets", [(), ("watchNamespaces={ml}",)], ids=["cluster-wide", "namespaced"])
+def test_notes_tell_the_next_three_commands(sets: tuple[str, ...]) -> None:
+    text = notes(*sets)
+    ns = "ml" if sets else "default"
+    commands = [line.strip() for line in text.splitlines() if line.startswith("       ")]
+    assert commands == [
+        "helm test kl -n kubelora-system",
+        f"kubectl apply -n {ns} -f examples/cpu-quickstart/lorajob.yaml",
+        f"kubectl get lorajobs,adapterdeployments -n {ns} -w",
+    ]
+    assert "…" not in text and "://" not in text, "no placeholder URL"
+    assert (REPO / "examples" / "cpu-quickstart" / "lorajob.yaml").exists()
+    assert (REPO / "examples" / "cpu-quickstart" / "storage.yaml").exists()
