@@ -417,3 +417,42 @@ def test_server_defaults_and_empty_strings_are_not_changes() -> None:
     assert status_patch(stored, new) is None
     patch = status_patch(None, new)
     assert patch is not None and '""' not in json.dumps(patch)
+
+
+def fleet(adapters: int, replicas: int, split: bool) -> Observed:
+    """``adapters`` adapters with the longest names the API allows on ``replicas`` replicas; ``split``: half the
+    replicas failed every adapter with a page-long engine error, the other half are still loading it."""
+    names = [f"adapter-{i:04d}-" + "x" * 49 for i in range(adapters)]
+    resolved = [ResolvedAdapter(n, uri=f"s3://a-bucket-with-a-long-name/tenants/{n}/rev-12", digest=D1) for n in names]
+    error = "the engine refused the adapter: HTTP 400 BadRequestError: " + "While loading ... " * 120
+
+    def report(index: int) -> ReplicaReport:
+        pod = f"support-serving-7d9f8c6b5-{index:05d}"
+        if not split:
+            return agent(pod, *((n, "Loaded") for n in names))
+        state = "Failed" if index % 2 else "Loading"
+        return agent(pod, *((n, state) for n in names), reason="LoadFailed", message=error)
+
+    return observed(desired_replicas=replicas, desired_adapters=adapters, resolved=resolved,
+                    deployment=roll(replicas=replicas, ready_replicas=replicas, updated_replicas=replicas),
+                    replicas=[report(i) for i in range(replicas)])
+
+
+@pytest.mark.parametrize(("split", "limit_kib"), [(False, 512), (True, 768)])
+def test_a_thousand_adapters_on_eight_replicas_fit_well_under_the_object_limit(split: bool, limit_kib: int) -> None:
+    status = aggregate_status(fleet(1000, 8, split), None, T0)
+    size = len(json.dumps({"status": status.wire()}))
+    # the API server refuses objects over ~1.5 MiB: the worst case (longest names and URIs the API allows, every
+    # adapter split between replicas, page-long errors) stays at half of it, the steady state at a third
+    assert size < limit_kib * 1024, f"{size / 1024:.0f} KiB"
+    first = status.adapters[0]
+    if split:
+        assert first.state == "Failed" and first.loaded_replicas == 0
+        assert [r.state for r in first.disagreeing_replicas] == ["Loading"] * 3, "only disagreeing, at most 3"
+        assert len(first.message) <= 128 and first.message.endswith("...(truncated)")
+        degraded = next(c for c in status.conditions if c.type == "Degraded")
+        assert degraded.message.endswith("; ... and 995 more") and len(degraded.message) <= 1024
+    else:
+        assert first.state == "Loaded" and first.loaded_replicas == 8 and first.disagreeing_replicas == []
+        assert status.adapters_ready == "1000/1000"
+    print(f"status of 1000 adapters x 8 replicas ({'split' if split else 'all loaded'}): {size / 1024:.0f} KiB")

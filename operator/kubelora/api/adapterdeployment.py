@@ -147,8 +147,21 @@ class AdapterDeploymentSpec(ApiModel):
 AdapterState = Literal["Pending", "Downloading", "Loading", "Loaded", "Unloading", "Failed"]
 
 
+MAX_DISAGREEING_REPLICAS = 3
+"""Replicas listed per adapter when they disagree with its aggregate state; the status of 1,000 adapters on
+many replicas has to stay far below the API server's object size limit (about 1.5 MiB)."""
+
+
+class ReplicaDisagreement(ApiModel):
+    """A replica whose view of an adapter is not the aggregate ``state``."""
+
+    pod: str
+    state: AdapterState
+    reason: str | None = None
+
+
 class AdapterStatus(ApiModel):
-    """One adapter, aggregated over replicas."""
+    """One adapter, aggregated over replicas: counts, and replicas named only where they disagree."""
 
     name: str
     state: AdapterState = "Pending"
@@ -158,6 +171,10 @@ class AdapterStatus(ApiModel):
     reason: str = ""
     message: str = ""
     last_transition_time: str | None = None
+    disagreeing_replicas: list[ReplicaDisagreement] = Field(default_factory=list,
+                                                            max_length=MAX_DISAGREEING_REPLICAS)
+    """Up to three replicas whose state differs from ``state`` (a replica still loading, one that failed);
+    empty when all agree."""
 
 
 class AdapterDeploymentStatus(ApiModel):

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kubelora.api.adapterdeployment import AdapterState, AdapterStatus
+from kubelora.api.adapterdeployment import (
+    MAX_DISAGREEING_REPLICAS,
+    AdapterState,
+    AdapterStatus,
+    ReplicaDisagreement,
+)
 from kubelora.api.runtime import AgentAdapterState
 from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
 from kubelora.reconcile.adapterdeployment_views import ReplicaReport
 
 PROGRESS_ORDER: tuple[AdapterState, ...] = ("Pending", "Downloading", "Loading", "Unloading")
+MAX_ADAPTER_MESSAGE = 128
+"""Characters of one adapter's message in the status (an engine's error can be a page long)."""
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying so."""
+    return text if len(text) <= limit else text[: max(0, limit - 15)] + " ...(truncated)"
 
 
 def _replica_state(adapter: ResolvedAdapter, report: ReplicaReport) -> AgentAdapterState:
@@ -43,7 +55,7 @@ def aggregate_adapter(adapter: ResolvedAdapter, replicas: Sequence[ReplicaReport
     if adapter.verdict is not None:
         return AdapterStatus(
             name=adapter.name, state=adapter.verdict, digest=adapter.digest, uri=adapter.uri, loaded_replicas=0,
-            reason=adapter.reason, message=adapter.message,
+            reason=adapter.reason, message=bounded(adapter.message, MAX_ADAPTER_MESSAGE),
             last_transition_time=_transition(adapter.name, adapter.verdict, previous, now))
     answering = sorted((r for r in replicas if r.report is not None), key=lambda r: r.pod)
     states = [(r.pod, _replica_state(adapter, r)) for r in answering]
@@ -69,9 +81,12 @@ def aggregate_adapter(adapter: ResolvedAdapter, replicas: Sequence[ReplicaReport
         reason, message = example.reason, example.message
     if not reason and not message:  # the operator's note, e.g. "its LoRAJob is retraining"
         reason, message = adapter.reason, adapter.message
+    disagreeing = [ReplicaDisagreement(pod=pod, state=s.state, reason=s.reason or None)
+                   for pod, s in states if s.state != state][:MAX_DISAGREEING_REPLICAS]
     return AdapterStatus(
         name=adapter.name, state=state, digest=digest, uri=adapter.uri, loaded_replicas=len(loaded),
-        reason=reason, message=message, last_transition_time=_transition(adapter.name, state, previous, now))
+        reason=reason, message=bounded(message, MAX_ADAPTER_MESSAGE),
+        last_transition_time=_transition(adapter.name, state, previous, now), disagreeing_replicas=disagreeing)
 
 
 def aggregate_adapters(resolved: Sequence[ResolvedAdapter], replicas: Sequence[ReplicaReport],

@@ -25,7 +25,7 @@ from datetime import datetime
 from kubelora.api.adapterdeployment import AdapterDeploymentStatus, AdapterStatus
 from kubelora.api.common import Condition
 from kubelora.api.reasons import ConditionType, DeploymentPhase, Reason
-from kubelora.reconcile.adapterdeployment_adapters import aggregate_adapters
+from kubelora.reconcile.adapterdeployment_adapters import aggregate_adapters, bounded
 from kubelora.reconcile.adapterdeployment_refs import ResolvedAdapter
 from kubelora.reconcile.adapterdeployment_views import DeploymentView, PodView, ReplicaReport
 
@@ -73,14 +73,27 @@ def _cond(kind: ConditionType, ok: bool, reason: Reason, message: str, generatio
                      observed_generation=generation)
 
 
+MAX_LISTED_ADAPTERS = 5
+"""Adapters a condition message names; the rest are counted (every condition repeats the message)."""
+MAX_CONDITION_MESSAGE = 1024
+
+
+def _listing(entries: list[str]) -> str:
+    """``a; b; c; ... and N more``: a message that stays short at a thousand adapters."""
+    shown = "; ".join(entries[:MAX_LISTED_ADAPTERS])
+    if len(entries) > MAX_LISTED_ADAPTERS:
+        shown += f"; ... and {len(entries) - MAX_LISTED_ADAPTERS} more"
+    return bounded(shown, MAX_CONDITION_MESSAGE)
+
+
 def _failed_message(adapters: Sequence[AdapterStatus]) -> str:
-    return "; ".join(f"{a.name}: {a.reason or 'Failed'}" + (f" ({a.message})" if a.message else "")
-                     for a in adapters if a.state == "Failed")
+    return _listing([f"{a.name}: {a.reason or 'Failed'}" + (f" ({bounded(a.message, 120)})" if a.message else "")
+                     for a in adapters if a.state == "Failed"])
 
 
 def _pending_message(adapters: Sequence[AdapterStatus]) -> str:
-    return "; ".join(f"{a.name}: {a.state}" + (f" ({a.message})" if a.message else "")
-                     for a in adapters if a.state not in ("Loaded", "Failed"))
+    return _listing([f"{a.name}: {a.state}" + (f" ({bounded(a.message, 120)})" if a.message else "")
+                     for a in adapters if a.state not in ("Loaded", "Failed")])
 
 
 def _age(since: str, now: str) -> float:
