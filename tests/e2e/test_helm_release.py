@@ -15,6 +15,7 @@ import pytest
 
 from kubelora_local.kube import KubeError
 
+from ..unit.test_rbac import code_needs
 from .conftest import LocalCluster
 from .operator_fixture import OperatorProcess
 from .test_lorajob import GROUP_PATH, make_env, spec
@@ -69,6 +70,13 @@ def test_helm_install_trains_and_uninstall_leaves_only_crds(
         assert installed and all("kl-operator" in n for n in installed), installed
         [pod] = operator_pods(cluster, namespace)
         assert pod["spec"]["serviceAccountName"] == "kl-operator"
+        check_operator_access(cluster, namespace)
+        try:
+            out = helm(cluster, "test", "kl", "--namespace", namespace, "--timeout", "120s")
+        except BaseException:
+            print(cluster.logs(namespace, "kl-operator-test", "check")[-4000:])
+            raise
+        assert "kl-operator-test" in out and "Succeeded" in out, out
 
         env.create("charted", spec("charted", max_steps=5))
         try:
@@ -105,6 +113,58 @@ def test_helm_install_trains_and_uninstall_leaves_only_crds(
             cluster.wait_for(lambda p=path: not exists(cluster, p), left, f"{path} gone")
     finally:
         operator.start()
+
+
+# What the operator must never be able to do: (namespace or None, group, resource, subresource, verb).
+FORBIDDEN = (
+    ("", "", "secrets", "", "get"),
+    ("", "", "secrets", "", "list"),
+    ("", "", "pods", "exec", "create"),
+    ("", "", "pods", "", "delete"),
+    ("", "", "configmaps", "", "delete"),
+    ("kube-system", "apps", "deployments", "", "delete"),
+    ("kube-system", "", "secrets", "", "get"),
+    ("", "kubelora.io", "lorajobs", "", "delete"),
+    ("", "kubelora.io", "lorajobs", "", "update"),
+    ("", "kubelora.io", "adapterdeployments", "", "patch"),
+    ("", "rbac.authorization.k8s.io", "roles", "", "escalate"),
+    ("", "rbac.authorization.k8s.io", "roles", "", "bind"),
+    (None, "rbac.authorization.k8s.io", "clusterroles", "", "create"),
+    (None, "apiextensions.k8s.io", "customresourcedefinitions", "", "create"),
+    (None, "", "namespaces", "", "list"),  # cluster-wide kopf never lists namespaces
+    (None, "", "nodes", "", "list"),
+    (None, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "", "patch"),
+)
+CLUSTER_SCOPED_RESOURCES = {"customresourcedefinitions", "namespaces", "clusterkopfpeerings"}
+
+
+def allowed(cluster: LocalCluster, namespace: str, attrs: dict[str, str]) -> bool:
+    """The API server's own RBAC answer for the chart's ServiceAccount (a SubjectAccessReview)."""
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+        "user": f"system:serviceaccount:{namespace}:kl-operator",
+        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+        "resourceAttributes": attrs}}
+    answer = cluster.kube.create("/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    return bool(answer["status"].get("allowed"))
+
+
+def check_operator_access(cluster: LocalCluster, namespace: str) -> None:
+    """Everything the code needs (the unit test's computed set) is allowed; a sample of the rest is denied."""
+    needs = code_needs(namespaced=False, peering=False)
+    assert len(needs) > 30
+    refused = []
+    for group, resource, verb, names in sorted(needs):
+        plural, _, sub = resource.partition("/")
+        attrs = {"group": group, "resource": plural, "subresource": sub, "verb": verb, "name": "any",
+                 **({} if plural in CLUSTER_SCOPED_RESOURCES else {"namespace": namespace})}
+        for name in names or ("",):
+            if not allowed(cluster, namespace, {**attrs, "name": name}):
+                refused.append((group, resource, verb, name))
+    assert not refused, f"the chart's ServiceAccount lacks what the operator needs: {refused}"
+    granted = [f for f in FORBIDDEN if allowed(cluster, namespace, {
+        "group": f[1], "resource": f[2], "subresource": f[3], "verb": f[4],
+        **({"namespace": f[0] or namespace} if f[0] is not None else {})})]
+    assert not granted, f"the chart's ServiceAccount may do what the operator must not: {granted}"
 
 
 def exists(cluster: LocalCluster, path: str) -> bool:
