@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import sys
 
 from kubelora.settings import Settings
@@ -45,6 +46,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     return settings, args
 
 
+def peering_priority() -> int:
+    """This process's kopf peering priority, drawn at random.
+
+    kopf pauses every operator that sees a live peer of the same or a higher priority, so replicas that all kept
+    kopf's default (0) would all pause and none would reconcile. With distinct priorities the highest is active and
+    the others stand by; when it goes, the next highest resumes.
+    """
+    return secrets.randbelow(2**31 - 1) + 1
+
+
 def main(argv: list[str] | None = None) -> None:
     settings, args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -66,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         namespaces=settings.namespaces,
         standalone=settings.peering is None,
         peering_name=settings.peering,  # only when set: kopf makes any named peering mandatory
+        priority=peering_priority() if settings.peering else None,
         liveness_endpoint=args.liveness or None,
     ))
 
