@@ -71,6 +71,7 @@ def test_helm_install_trains_and_uninstall_leaves_only_crds(
         [pod] = operator_pods(cluster, namespace)
         assert pod["spec"]["serviceAccountName"] == "kl-operator"
         check_operator_access(cluster, namespace)
+        upgrade_crds(cluster)
         try:
             out = helm(cluster, "test", "kl", "--namespace", namespace, "--timeout", "120s")
         except BaseException:
@@ -167,6 +168,16 @@ def check_operator_access(cluster: LocalCluster, namespace: str) -> None:
     assert not granted, f"the chart's ServiceAccount may do what the operator must not: {granted}"
 
 
+def upgrade_crds(cluster: LocalCluster) -> None:
+    """The CRD upgrade docs/helm.md gives (Helm never upgrades crds/), against CRDs Helm installed."""
+    kubectl = REPO / ".venv" / "bin" / "kubectl"
+    done = subprocess.run([str(kubectl), "--kubeconfig", str(cluster.kubeconfig), "apply", "--server-side",
+                           "--force-conflicts", "-f", str(CHART / "crds")], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "lorajobs.kubelora.io serverside-applied" in done.stdout, done.stdout
+
+
 def exists(cluster: LocalCluster, path: str) -> bool:
     try:
         cluster.kube.get(path)
@@ -176,3 +187,37 @@ def exists(cluster: LocalCluster, path: str) -> bool:
         raise
     return True
 
+
+
+def test_ha_release_has_one_active_operator_that_trains(
+    cluster: LocalCluster, namespace: str, operator: OperatorProcess
+) -> None:
+    """replicas=2 with peering: both pods Ready, two live peers with distinct priorities (kopf pauses on equal
+    ones, which left no replica active), and the active one trains a LoRAJob."""
+    operator.stop()
+    try:
+        env = make_env(cluster, namespace, operator)
+        helm(cluster, "install", "ha", str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s",
+             "--set", "replicas=2", "--set", "peering.enabled=true", "--set", f"watchNamespaces={{{namespace}}}")
+        try:
+            pods = [p for p in operator_pods(cluster, namespace) if p["metadata"]["labels"].get(
+                "app.kubernetes.io/component") == "operator"]
+            assert len(pods) == 2 and all(
+                c["ready"] for p in pods for c in p["status"]["containerStatuses"]), pods
+            peering = f"/apis/kopf.dev/v1/namespaces/{namespace}/kopfpeerings/kubelora"
+            peers = cluster.wait_for(lambda: len(cluster.kube.get(peering).get("status") or {}) == 2
+                                     and cluster.kube.get(peering)["status"], 60, "two live peers")
+            priorities = [p["priority"] for p in peers.values()]
+            assert len(set(priorities)) == 2 and min(priorities) > 0, peers
+
+            env.create("ha", spec("ha", max_steps=3))
+            try:
+                env.wait_phase("ha", "Succeeded", timeout=240)
+            except BaseException:
+                for p in pods:
+                    print(cluster.logs(namespace, p["metadata"]["name"], "operator")[-3000:])
+                raise
+        finally:
+            helm(cluster, "uninstall", "ha", "--namespace", namespace, "--wait", "--timeout", "60s")
+    finally:
+        operator.start()

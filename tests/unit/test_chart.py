@@ -107,6 +107,10 @@ def test_image_digest_pins_the_operator_image() -> None:
     assert image == f"ghcr.io/kubelora/operator:0.1.0@{digest}"
     assert deployment_of(render())["spec"]["template"]["spec"]["containers"][0]["image"] == (
         "ghcr.io/kubelora/operator:0.1.0")
+    trainer = f"ghcr.io/kubelora/trainer:0.1.0@{digest}"
+    env = deployment_of(render(f"trainerImage={trainer}"))["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KUBELORA_TRAINER_IMAGE", "value": trainer} in env
+    assert "at '/trainerImage'" in helm_error("template", "kl", str(CHART), "--set", "trainerImage=Trainer:latest")
 
 
 def test_pdb_only_with_several_replicas() -> None:
