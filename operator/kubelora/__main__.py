@@ -12,14 +12,36 @@ import json
 import logging
 import secrets
 import sys
+from typing import Any
 
 from kubelora.settings import Settings
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines (Loki, Cloud Logging, Elasticsearch).
+
+    ``object`` is the Kubernetes object the line is about: kopf's per-object loggers put it in
+    ``record.k8s_ref`` (an ObjectReference: apiVersion, kind, namespace, name, uid), and so do the
+    operator's own records about one object (``extra={"k8s_ref": ..., "reason": ...}``). ``reason`` is
+    the status/Event reason when the code knows it; ``traceback`` is the formatted exception.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                           "message": record.getMessage()})
+        out: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                               "message": record.getMessage()}
+        ref = getattr(record, "k8s_ref", None)
+        if isinstance(ref, dict):
+            out["object"] = {key: value for key, value in ref.items() if value}
+        reason = getattr(record, "reason", None)
+        if reason:
+            out["reason"] = str(reason)
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["traceback"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:

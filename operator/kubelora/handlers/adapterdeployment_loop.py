@@ -34,7 +34,7 @@ from kubelora.api.adapterdeployment import AdapterDeploymentSpec, AdapterDeploym
 from kubelora.api.common import API_VERSION, now_rfc3339
 from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import ConditionType, DeploymentPhase, Reason
-from kubelora.handlers import metrics
+from kubelora.handlers import logs, metrics
 from kubelora.handlers.adapterdeployment_agents import poll_agents
 from kubelora.handlers.adapterdeployment_children import APPLIED_KEY, apply_children, build_children, changed
 from kubelora.handlers.kube import ApiError
@@ -230,7 +230,7 @@ class Supervisor:
         except asyncio.CancelledError:
             raise
         except Exception:  # one object's surprise must not stop the others' polling
-            log.exception("AdapterDeployment %s/%s: tick failed", *key)
+            log.exception("AdapterDeployment %s/%s: tick failed", *key, extra=logs.about("AdapterDeployment", *key))
             tracked.interval = min(max(tracked.interval * 2, self.poll_seconds), IDLE_SECONDS)
         finally:
             tracked.running = False
@@ -300,8 +300,10 @@ class Supervisor:
             try:
                 applied = await apply_children(todo, tracked.memo, self.apply)
             except ApiError as exc:
-                log.warning("AdapterDeployment %s/%s: %s", ref.namespace, ref.name, exc)
-                return None, refusal(exc)
+                refused = refusal(exc)
+                log.warning("AdapterDeployment %s/%s: %s", ref.namespace, ref.name, exc,
+                            extra=logs.about("AdapterDeployment", ref.namespace, ref.name, refused.reason))
+                return None, refused
             log.info("AdapterDeployment %s/%s: applied %s", ref.namespace, ref.name, ", ".join(applied))
         tracked.memo[INPUTS_KEY] = inputs
         return None, None

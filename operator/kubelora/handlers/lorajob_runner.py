@@ -25,7 +25,7 @@ from kubelora.api.common import now_rfc3339
 from kubelora.api.meta import ObjectRef
 from kubelora.api.reasons import JobPhase, Reason
 from kubelora.api.runtime import TrainerRunConfig
-from kubelora.handlers import metrics
+from kubelora.handlers import logs, metrics
 from kubelora.handlers.kube import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete
@@ -79,9 +79,7 @@ def blocked_by(exc: ApiError, action: Action) -> Blocked | None:
     return Blocked(reason, f"cannot {verb} {what}: {exc}; {fix}")
 
 def _ref_extra(key: Key, reason: str) -> dict[str, Any]:
-    """``extra`` for a log record about a LoRAJob: the JSON log format writes it out (``__main__``)."""
-    return {"k8s_ref": {"apiVersion": LORAJOB_API, "kind": "LoRAJob", "namespace": key[0], "name": key[1]},
-            "reason": reason}
+    return logs.about("LoRAJob", key[0], key[1], reason)
 
 
 class Reconciler:
