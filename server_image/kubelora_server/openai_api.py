@@ -1,9 +1,9 @@
 """vLLM's OpenAI-compatible HTTP API: paths, the error envelope and how to read errors back.
 
 The CPU engine writes these shapes and the agent's engine client reads them, so one module keeps both sides
-honest. The shapes follow vLLM (v0.11): errors are ``{"error": {"message", "type", "param", "code"}}`` with
-``code`` the HTTP status; older vLLM releases answered ``{"object": "error", "message", "type", "code"}`` at
-the top level, which :func:`parse_error` also accepts so the agent works against either.
+honest. The shapes follow vLLM (v0.34, the pinned release): errors are ``{"error": {"message", "type",
+"param", "code"}}`` with ``code`` the HTTP status; older vLLM releases answered ``{"object": "error",
+"message", "type", "code"}`` at the top level, which :func:`parse_error` also accepts so the agent works against either.
 """
 
 from __future__ import annotations

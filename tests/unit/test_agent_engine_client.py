@@ -29,34 +29,40 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-# What vLLM answers to a failed POST /v1/load_lora_adapter, by cause (vllm/entrypoints/openai/models/serving.py:
-# any exception from add_lora is a 400 BadRequestError carrying str(exception); only "No adapter found" is a 404).
-# path suffix -> (status, type, message, permanent)
-VLLM_LOAD_ERRORS: dict[str, tuple[int, str, str, bool]] = {
-    "missing": (404, "NotFoundError", "Loading lora a failed: No adapter found for /cache/missing", False),
-    "rank64": (400, "BadRequestError", "LoRA rank 64 is greater than max_lora_rank 16.", True),
-    "bias": (400, "BadRequestError", "Adapter bias cannot be used without bias_enabled.", True),
-    "dora": (400, "BadRequestError", "vLLM does not yet support DoRA.", True),
-    "mts": (400, "BadRequestError", "vLLM only supports modules_to_save being None.", True),
-    "targets": (400, "BadRequestError", "While loading /cache/targets, expected target modules in ['q_proj', "
-                "'v_proj'] but received ['qkv_proj']. Please verify that the loaded LoRA module is correct", True),
-    "notjson": (400, "BadRequestError", "Expecting value: line 1 column 1 (char 0)", True),
-    "noweights": (400, "BadRequestError", "/cache/noweights doesn't contain tensors", True),
-    "oom": (400, "BadRequestError", "CUDA out of memory. Tried to allocate 64.00 MiB. GPU 0 has a total capacity "
-            "of 79.15 GiB of which 12.00 MiB is free.", False),
-    "eio": (400, "BadRequestError", "[Errno 5] Input/output error: '/cache/eio/adapter_model.safetensors'", False),
-    "timeout": (400, "BadRequestError", "Call to add_lora method failed: Timed out waiting for the engine core",
-                False),
-    "corrupt": (500, "InternalServerError", "Error while reading safetensors", False),
+# What vLLM says when a POST /v1/load_lora_adapter fails, by cause: path suffix -> (message, permanent). The
+# status is one for every cause but "No adapter found" (404 NotFoundError): v0.34 (vllm/entrypoints/openai/
+# models/serving.py, the pinned release) answers 500 InternalServerError, releases before v0.12 400
+# BadRequestError. Messages are those of vLLM v0.34's PEFTHelper, worker manager and LoRAModel.
+VLLM_LOAD_ERRORS: dict[str, tuple[str, bool]] = {
+    "missing": ("Loading lora a failed: No adapter found for /cache/missing", False),
+    "rank64": ("LoRA rank 64 is greater than max_lora_rank 16.", True),
+    "bias": ("Adapter bias is not supported.", True),
+    "dora": ("vLLM does not yet support DoRA.", True),
+    "mts": ('vLLM only supports modules_to_save being either None or ["classifier", "score"] for classification '
+            "models. Unsupported modules_to_save: ['lm_head']", True),
+    "pissa": ("vLLM does not support init_lora_weights='pissa'. Inits such as PiSSA, OLoRA, CorDA and LoftQ modify "
+              "the base model weights when PEFT loads the adapter.", True),
+    "targets": ("While loading /cache/targets, expected target modules in ['q_proj', 'v_proj'] but received "
+                "['qkv_proj']. Please verify that the loaded LoRA module is correct", True),
+    "notjson": ("Expecting value: line 1 column 1 (char 0)", True),
+    "noweights": ("/cache/noweights doesn't contain tensors", True),
+    "oom": ("CUDA out of memory. Tried to allocate 64.00 MiB. GPU 0 has a total capacity of 79.15 GiB of which "
+            "12.00 MiB is free.", False),
+    "eio": ("[Errno 5] Input/output error: '/cache/eio/adapter_model.safetensors'", False),
+    "timeout": ("Call to add_lora method failed: Timed out waiting for the engine core", False),
+    "corrupt": ("Error while reading safetensors", False),
 }
+RELEASES = {"v0.34": (500, "InternalServerError"), "v0.11": (400, "BadRequestError")}
 
 
 class FakeVllm:
     """vLLM's runtime LoRA routes: plain-text success, ``{"error": {...}}`` failures (``old_envelope``: the
     top-level ``{"object": "error", ...}`` of older releases), failures chosen by the path's last part."""
 
-    def __init__(self, *, old_envelope: bool = False, runtime_lora: bool = True, ignore_inplace: bool = False) -> None:
+    def __init__(self, *, old_envelope: bool = False, runtime_lora: bool = True, ignore_inplace: bool = False,
+                 release: str = "v0.34") -> None:
         self.loras: dict[str, str] = {}
+        self.release = release
         self.old_envelope = old_envelope
         self.runtime_lora = runtime_lora
         self.ignore_inplace = ignore_inplace
@@ -103,7 +109,10 @@ class FakeVllm:
                 self.fail_times[lora_path] -= 1
                 kind = "oom"
             if kind in VLLM_LOAD_ERRORS:
-                status, err_type, message, _ = VLLM_LOAD_ERRORS[kind]
+                message = VLLM_LOAD_ERRORS[kind][0]
+                if "No adapter found" in message:
+                    return self.error(message, "NotFoundError", 404)
+                status, err_type = RELEASES[self.release]
                 return self.error(message, err_type, status)
             self.loras[name] = lora_path
             return httpx.Response(200, text=f"Success: LoRA adapter '{name}' added successfully.")
@@ -178,11 +187,12 @@ def test_unload_unknown_as_400_from_older_engines_is_also_not_loaded() -> None:
         run(client_for(handler).unload("x"))
 
 
-@pytest.mark.parametrize("old_envelope", [False, True])
+@pytest.mark.parametrize(("release", "old_envelope"), [("v0.34", False), ("v0.11", False), ("v0.11", True)])
 @pytest.mark.parametrize("kind", sorted(VLLM_LOAD_ERRORS))
-def test_each_vllm_refusal_is_classified_by_its_message(kind: str, old_envelope: bool) -> None:
-    status, err_type, message, permanent = VLLM_LOAD_ERRORS[kind]
-    fake = FakeVllm(old_envelope=old_envelope)
+def test_each_vllm_refusal_is_classified_by_its_message(kind: str, release: str, old_envelope: bool) -> None:
+    message, permanent = VLLM_LOAD_ERRORS[kind]
+    status, err_type = (404, "NotFoundError") if kind == "missing" else RELEASES[release]
+    fake = FakeVllm(old_envelope=old_envelope, release=release)
     with pytest.raises(EngineRejected) as err:
         run(client_for(fake).load("a", f"/cache/a-{kind}"))
     assert (err.value.error.status, err.value.error.type, err.value.error.message) == (status, err_type, message)
@@ -190,6 +200,15 @@ def test_each_vllm_refusal_is_classified_by_its_message(kind: str, old_envelope:
     assert str(err.value).startswith(f"HTTP {status}")
     loads = [r for r in fake.requests if r[1] == "/v1/load_lora_adapter"]
     assert len(loads) == (1 if permanent else 3), "transient refusals are retried, permanent ones are not"
+
+
+def test_vllm_034_answers_a_refused_load_like_this() -> None:
+    fake = FakeVllm()
+    resp = fake(httpx.Request("POST", "http://e/v1/load_lora_adapter",
+                              json={"lora_name": "a", "lora_path": "/cache/a-dora"}))
+    assert resp.status_code == 500
+    assert resp.json() == {"error": {"message": "vLLM does not yet support DoRA.", "type": "InternalServerError",
+                                     "param": None, "code": 500}}
 
 
 def test_a_transient_refusal_that_clears_loads_within_one_call() -> None:
@@ -220,7 +239,8 @@ def test_retries_back_off_exponentially_between_attempts() -> None:
 
 
 @pytest.mark.parametrize(("status", "message", "permanent"), [
-    (503, "LoRA rank 64 is greater than max_lora_rank 16.", False),  # a 5xx is the server's trouble
+    (500, "LoRA rank 64 is greater than max_lora_rank 16.", True),  # vLLM v0.34's status for every refusal
+    (500, "EngineCore encountered an issue. See stack trace (above) for the root cause.", False),
     (429, "Too many requests", False),
     (400, "something nobody wrote down yet", False),  # unknown: bounded retries, not 300 s of Failed
     (400, "Loading lora x failed: CUDA out of memory while reading /cache/x (is greater than max_lora_rank?)", False),

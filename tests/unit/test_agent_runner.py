@@ -162,7 +162,7 @@ def test_digest_change_is_probed_then_switched_in_place_without_a_gap(tmp_path: 
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("kind", ["dora", "targets", "noweights"])
+@pytest.mark.parametrize("kind", ["dora", "targets", "noweights", "pissa"])
 def test_a_refused_new_version_leaves_the_old_one_serving_and_says_why(tmp_path: Path, kind: str) -> None:
     fake = FakeVllm()
     source = StaticSource(desired("a", pins={"a": A}))
@@ -179,7 +179,7 @@ def test_a_refused_new_version_leaves_the_old_one_serving_and_says_why(tmp_path:
         assert load_calls(fake) == [("load_lora_adapter", "a~next-bbbbbbbbbbbb", False)], "one try, no retries"
         report = agent.report().adapters[0]
         assert (report.state, report.reason) == ("Failed", "LoadFailed")
-        assert VLLM_LOAD_ERRORS[kind][2] in report.message
+        assert VLLM_LOAD_ERRORS[kind][0] in report.message
         assert agent.ready(), "a serving replica stays in the Service"
 
     asyncio.run(scenario())

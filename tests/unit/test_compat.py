@@ -95,14 +95,24 @@ def test_rank_limit_uses_the_largest_rank_including_rank_pattern() -> None:
     assert bad is not None and bad.reason == Reason.RANK_TOO_LARGE and "32" in bad.message
 
 
-# vLLM's PEFTHelper cases (tests/lora/test_peft_helper.py, tests/entrypoints/openai/test_lora_adapters.py):
-# the config change and the words vLLM's 400 carries.
+# vLLM v0.34's PEFTHelper cases (tests/lora/test_peft_helper.py, tests/entrypoints/openai/test_lora_adapters.py
+# adapted to the pinned release's wording): the config change and the words of vLLM's refusal.
 VLLM_REFUSES = [
-    ({"r": 1024}, "is greater than max_lora_rank", Reason.RANK_TOO_LARGE),
-    ({"bias": "all"}, "Adapter bias cannot be used without bias_enabled", Reason.UNSUPPORTED_ADAPTER),
-    ({"bias": "lora_only"}, "Adapter bias cannot be used without bias_enabled", Reason.UNSUPPORTED_ADAPTER),
-    ({"use_dora": True}, "does not yet support DoRA", Reason.UNSUPPORTED_ADAPTER),
-    ({"modules_to_save": ["lm_head"]}, "only supports modules_to_save being None", Reason.UNSUPPORTED_ADAPTER),
+    ({"r": 1024}, "LoRA rank 1024 is greater than max_lora_rank 64.", Reason.RANK_TOO_LARGE),
+    ({"rank_pattern": {"q_proj": 128}}, "LoRA rank 128 is greater than max_lora_rank 64.", Reason.RANK_TOO_LARGE),
+    ({"bias": "all"}, "Adapter bias is not supported.", Reason.UNSUPPORTED_ADAPTER),
+    ({"bias": "lora_only"}, "Adapter bias is not supported.", Reason.UNSUPPORTED_ADAPTER),
+    ({"use_dora": True}, "vLLM does not yet support DoRA.", Reason.UNSUPPORTED_ADAPTER),
+    ({"lora_bias": True}, "vLLM does not support LoRA bias (lora_bias).", Reason.UNSUPPORTED_ADAPTER),
+    ({"modules_to_save": ["lm_head"]}, "Unsupported modules_to_save: ['lm_head']", Reason.UNSUPPORTED_ADAPTER),
+    ({"init_lora_weights": "pissa"}, "vLLM does not support init_lora_weights='pissa'.", Reason.UNSUPPORTED_ADAPTER),
+    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4'", Reason.UNSUPPORTED_ADAPTER),
+    ({"init_lora_weights": "olora"}, "Inits such as PiSSA, OLoRA, CorDA and LoftQ", Reason.UNSUPPORTED_ADAPTER),
+    ({"init_lora_weights": "loftq"}, "path_initial_model_for_weight_conversion", Reason.UNSUPPORTED_ADAPTER),
+    ({"layer_replication": [[0, 4], [2, 5]]}, "vLLM does not support layer_replication.", Reason.UNSUPPORTED_ADAPTER),
+    ({"alora_invocation_tokens": [1, 2]}, "Activated LoRA (aLoRA)", Reason.UNSUPPORTED_ADAPTER),
+    ({"use_qalora": True}, "vLLM does not support QALoRA.", Reason.UNSUPPORTED_ADAPTER),
+    ({"r": 0}, "LoRA rank `r` must be a positive integer, got 0.", Reason.UNSUPPORTED_ADAPTER),
 ]
 
 
@@ -114,21 +124,18 @@ def test_what_vllm_refuses_is_refused_before_loading_in_its_words(change: dict[s
 
 
 def test_vllm_joins_all_its_refusals_into_one_message() -> None:
-    message = vllm_refusal_message({**config(r=128), "use_dora": True, "modules_to_save": ["lm_head"]}, 64)
-    assert message == ("vLLM only supports modules_to_save being None. vLLM does not yet support DoRA. "
-                       "LoRA rank 128 is greater than max_lora_rank 64.")
-    assert vllm_refusals(config(bias="all"), 64, bias_enabled=True) == []
+    message = vllm_refusal_message({**config(r=128), "use_dora": True, "bias": "all"}, 64)
+    assert message == ("vLLM does not yet support DoRA. LoRA rank 128 is greater than max_lora_rank 64. "
+                       "Adapter bias is not supported.")
     (missing,) = vllm_refusals({"r": 8}, 64)
     assert missing.startswith("Missing required configuration fields: ") and "lora_alpha" in missing
-    assert vllm_refusals(config(modules_to_save=None, bias="none", use_dora=False), 64) == []
 
 
-@pytest.mark.parametrize("change", [{"init_lora_weights": "pissa"}, {"init_lora_weights": "pissa_niter_4"},
-                                    {"init_lora_weights": "olora"}, {"init_lora_weights": "loftq"},
-                                    {"layer_replication": [[0, 4], [2, 5]]}])
-def test_adapters_vllm_would_serve_wrongly_are_refused(change: dict[str, Any]) -> None:
-    assert vllm_refusals(config(**change), 64) == []  # vLLM itself would load them
-    bad = check_compatible(config(**change), None, "pvc://models/llama", 64)
-    assert bad is not None and bad.reason == Reason.UNSUPPORTED_ADAPTER
-    assert check_compatible(config(init_lora_weights=True), None, "pvc://models/llama", 64) is None
-    assert check_compatible(config(init_lora_weights="gaussian"), None, "pvc://models/llama", 64) is None
+@pytest.mark.parametrize("change", [{"init_lora_weights": True}, {"init_lora_weights": False},
+                                    {"init_lora_weights": "gaussian"}, {"init_lora_weights": "eva"},
+                                    {"modules_to_save": ["score"]}, {"task_type": "SEQ_CLS"},
+                                    {"modules_to_save": None, "bias": "none", "use_dora": False},
+                                    {"use_rslora": True}, {"rank_pattern": {"q_proj": 16}}])
+def test_what_vllm_serves_passes(change: dict[str, Any]) -> None:
+    assert vllm_refusals(config(**change), 64) == []
+    assert check_compatible(config(**change), None, "pvc://models/llama", 64) is None

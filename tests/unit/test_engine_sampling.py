@@ -106,12 +106,11 @@ def test_cli_accepts_vllm_flags_and_ignores_unknown_ones() -> None:
     )
 
 
-def test_lora_modules_in_vllms_json_form_and_lora_bias() -> None:
+def test_lora_modules_in_vllms_json_form() -> None:
     # vLLM's own test spelling (tests/entrypoints/openai/test_lora_adapters.py)
     module = json.dumps({"name": "zephyr-lora", "path": "/x/zephyr", "base_model_name": "tiny"})
-    args = parse_args(["--model", "/m", "--enable-lora", "--enable-lora-bias", "--lora-modules", module, "b=/x/b"])
+    args = parse_args(["--model", "/m", "--enable-lora", "--lora-modules", module, "b=/x/b"])
     assert args.lora_modules == {"zephyr-lora": "/x/zephyr", "b": "/x/b"}
-    assert args.enable_lora_bias and not parse_args(["--model", "/m"]).enable_lora_bias
     for bad in ('{"name": "x"}', "{not json"):
         with pytest.raises(SystemExit):
             parse_args(["--model", "/m", "--enable-lora", "--lora-modules", bad])

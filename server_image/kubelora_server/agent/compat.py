@@ -15,7 +15,7 @@ from typing import Any
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import AdapterManifest
 from kubelora.api.uris import DEFAULT_PVC_ROOT, FileURI, HfURI, PvcURI, URIError, parse_uri, pvc_root
-from kubelora_server.peft_rules import serving_hazards, vllm_refusals
+from kubelora_server.peft_rules import vllm_refusals
 
 _HF_CACHE_DIR = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+?)(?:/snapshots/[^/]+)?$")
 
@@ -88,9 +88,6 @@ def check_compatible(config: Mapping[str, Any], manifest: AdapterManifest | None
         # vLLM's own words, so the status reads like the engine's answer would have
         reason = Reason.RANK_TOO_LARGE if all("max_lora_rank" in m for m in refused) else Reason.UNSUPPORTED_ADAPTER
         return Incompatible(reason, "vLLM refuses this adapter: " + " ".join(refused))
-    hazards = serving_hazards(config)
-    if hazards:
-        return Incompatible(Reason.UNSUPPORTED_ADAPTER, "; ".join(hazards))
     served = base_model_aliases(served_base, root)
     declared = [config.get("base_model_name_or_path"), manifest.base_model if manifest else None]
     declared_aliases: set[str] = set()

@@ -1,18 +1,18 @@
 """vLLM's runtime LoRA API, as the agent uses it (works unchanged against the CPU engine).
 
-vLLM answers every failed load with 400 BadRequestError, whatever the cause (``OpenAIServingModels.
-load_lora_adapter`` wraps any exception from ``add_lora``), and 404 NotFoundError only when the message says
-"No adapter found" (the path holds no adapter_config.json). So the status says little and the message is
-what tells a transient failure (CUDA out of memory, an I/O error on the volume, a timeout) from a permanent
-one (rank above --max-lora-rank, DoRA, modules_to_save, bias, target modules the model lacks, a config that
-is not JSON, no weight files). :func:`is_permanent` encodes that reading; the client retries transient
-refusals a few times with exponential backoff (tenacity) before it hands them to the state machine, which
-backs off further and gives up after ``max_load_attempts``.
+vLLM answers a failed load with one status whatever the cause: v0.34 (the release the server image pins)
+answers 500 InternalServerError with the exception's text, releases before v0.12 answered 400
+BadRequestError; only "No adapter found" (no adapter_config.json at the path) is a 404 NotFoundError. So the
+status says little, and the message is what tells a transient failure (CUDA out of memory, an I/O error on
+the volume, a timeout, a dead engine core) from a permanent one (vLLM's PEFTHelper refusals, target modules
+the model lacks, a config that is not JSON, no weight files). :func:`is_permanent` encodes that reading; the
+client retries transient refusals a few times with exponential backoff (tenacity) before it hands them to
+the state machine, which backs off further and gives up after ``max_load_attempts``.
 
 Errors are turned into a few exception types that mean something to the state machine:
 
-- :class:`EngineUnavailable` - connection refused, timeout, 5xx on health: the engine, not the adapter, is
-  at fault, so no adapter is failed for it.
+- :class:`EngineUnavailable` - connection refused, timeout, a gateway's 502/503/504: the engine, not the
+  adapter, is at fault, so no adapter is failed for it.
 - :class:`AdapterAlreadyLoaded` / :class:`AdapterNotLoaded` - the agent's view was stale; re-observe.
 - :class:`EngineRejected` - the engine refused this adapter; ``permanent`` says whether retrying can help.
 """
@@ -70,10 +70,12 @@ class RuntimeLoRADisabled(EngineRejected):
     """404 on the load route itself: VLLM_ALLOW_RUNTIME_LORA_UPDATING is not set on the engine."""
 
 
-# vLLM's own words for what no retry fixes: PEFTHelper.validate_legal / from_dict, LoRAModel.from_local_checkpoint
-# (target modules, no tensors, extra vocab), json.load of adapter_config.json, peft_type checks.
+# vLLM's own words for what no retry fixes: PEFTHelper.from_dict / __post_init__ / validate_legal (v0.34 and
+# older wordings), LoRAModel.from_local_checkpoint (target modules, no tensors, extra vocab), json.load of
+# adapter_config.json, safetensors' header errors, peft_type checks.
 _PERMANENT = re.compile("|".join([
-    r"is greater than max_lora_rank", r"bias_enabled", r"does not yet support DoRA", r"modules_to_save",
+    r"is greater than max_lora_rank", r"must be a positive integer", r"Adapter bias", r"bias_enabled",
+    r"does not yet support DoRA", r"vLLM does not support", r"modules_to_save",
     r"Missing required configuration fields", r"expected target modules", r"doesn't contain tensors",
     r"Expecting value", r"Expecting property name", r"JSONDecodeError", r"Unterminated string",
     r"is greater than lora_extra_vocab_size", r"not supported", r"is not LORA", r"peft_type",
@@ -89,14 +91,12 @@ _TRANSIENT = re.compile("|".join([
 
 
 def is_permanent(err: ApiError) -> bool:
-    """Whether a refused load stays refused: read from the message, since vLLM answers 400 for both kinds.
+    """Whether a refused load stays refused, read from the message: vLLM answers every cause with one status.
 
-    A 5xx, 408 or 429 is transient whatever it says; a message in neither list counts as transient, so it is
-    retried a bounded number of times rather than failing the adapter for the slow-retry period at once.
+    A message in neither list counts as transient, so it is retried a bounded number of times rather than
+    failing the adapter for the slow-retry period at once; so does any 408 or 429.
     """
-    if err.status >= 500 or err.status in (408, 429):
-        return False
-    if _TRANSIENT.search(err.message):
+    if err.status in (408, 429) or _TRANSIENT.search(err.message):
         return False
     return bool(_PERMANENT.search(err.message))
 

@@ -29,7 +29,6 @@ class EngineArgs:
     max_cpu_loras: int = 1
     max_model_len: int | None = None
     lora_modules: dict[str, str] = field(default_factory=dict)
-    enable_lora_bias: bool = False
     dtype: str = "auto"
     seed: int = 0
     tokenizer: str | None = None
@@ -70,8 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters whose weights stay in memory, least recently used evicted; any number can be "
                         "registered (default: --max-loras; must be >= it)")
-    p.add_argument("--enable-lora-bias", action="store_true",
-                   help="accept adapters with bias other than none (like vLLM's flag)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
     p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH|JSON",
@@ -103,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineArgs:
     return EngineArgs(
         model=model, served_model_name=served, host=ns.host, port=ns.port, enable_lora=ns.enable_lora,
         max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=max_cpu,
-        max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules), enable_lora_bias=ns.enable_lora_bias,
+        max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules),
         dtype=ns.dtype, seed=ns.seed,
         tokenizer=ns.tokenizer, revision=ns.revision, ignored=tuple(unknown),
     )

@@ -58,6 +58,12 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
                      f"{uri.scheme}:// models to a volume first")
 
 
+def add_failed(message: str) -> EngineError:
+    """vLLM v0.34's answer when ``add_lora`` raised anything but "No adapter found": the exception's text as a
+    500 InternalServerError (``OpenAIServingModels.load_lora_adapter``; releases before v0.12 said 400)."""
+    return EngineError(500, "InternalServerError", message)
+
+
 @dataclass(frozen=True)
 class Adapter:
     name: str
@@ -144,7 +150,7 @@ class ModelHost:
         if not self.args.enable_lora:
             raise EngineError(400, "BadRequestError", "LoRA is not enabled: start the server with --enable-lora.")
         if name == self.args.served_model_name:
-            raise EngineError(400, "InvalidUserInput", f"'{name}' is the base model's name.")
+            raise EngineError(400, "InvalidUserInput", f"The lora adapter '{name}' conflicts with a served base model.")
         if name in self._adapters and not inplace:
             raise EngineError(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded. "
                               "If you want to load the adapter in place, set 'load_inplace' to True.")
@@ -188,7 +194,7 @@ class ModelHost:
 
     def _read_adapter_config(self, name: str, path: str) -> dict[str, Any]:
         """vLLM's reading: no adapter_config.json is "No adapter found" (404); anything wrong with a folder
-        that has one is a 400 BadRequestError with the error's own text, as ``add_lora`` raised it."""
+        that has one is refused with the error's own text (:func:`add_failed`), as ``add_lora`` raised it."""
         directory = Path(path)
         config_file = directory / "adapter_config.json"
         if not config_file.is_file():
@@ -196,17 +202,17 @@ class ModelHost:
         try:
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as exc:
-            raise EngineError(400, "BadRequestError", str(exc)) from None
+            raise add_failed(str(exc)) from None
         if not isinstance(config, dict):
-            raise EngineError(400, "BadRequestError", f"{config_file} is not a JSON object")
-        refused = vllm_refusal_message(config, self.args.max_lora_rank, self.args.enable_lora_bias)
+            raise add_failed(f"{config_file} is not a JSON object")
+        refused = vllm_refusal_message(config, self.args.max_lora_rank)
         if refused is not None:
-            raise EngineError(400, "BadRequestError", refused)
+            raise add_failed(refused)
         if str(config.get("peft_type", "LORA")).upper() != "LORA":
-            raise EngineError(400, "BadRequestError", f"Loading lora {name} failed: peft_type "
+            raise add_failed(f"Loading lora {name} failed: peft_type "
                               f"{config.get('peft_type')!r} is not LORA")
         if not any((directory / w).is_file() for w in WEIGHT_FILES):
-            raise EngineError(400, "BadRequestError", f"{path} doesn't contain tensors")
+            raise add_failed(f"{path} doesn't contain tensors")
         return config
 
     def _peft_load(self, name: str, path: str, peft_name: str) -> None:
@@ -224,7 +230,7 @@ class ModelHost:
             log.warning("peft could not load %s from %s: %s", name, path, exc)
             if self._peft is not None and peft_name in self._peft.peft_config:
                 self._peft_delete(peft_name)
-            raise EngineError(400, "BadRequestError", f"Loading lora {name} failed: {exc}") from None
+            raise add_failed(f"Loading lora {name} failed: {exc}") from None
 
     def _peft_delete(self, peft_name: str) -> None:
         if self._peft is None:
