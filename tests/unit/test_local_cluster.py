@@ -107,3 +107,32 @@ def test_cache_key_changes_when_a_module_source_changes(tmp_path: Path, monkeypa
     (module / "main.go").write_text("package main // changed\n")
     assert program.digest() != first
     assert program.path().parent.name == f"tool-v1.0.0-{program.digest()}"
+
+
+def test_sigkill_reaches_children_that_left_the_container_process_group(tmp_path: Path) -> None:
+    """torchrun starts each worker in a new session; a container kill must still take them (cgroup kill)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from kubelora_local.runner.sandbox import descendants, signal_group
+
+    marker = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            f"open({str(marker)!r}, 'w').write(str(c.pid))\n"
+            "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    assert child in descendants(parent.pid)
+    signal_group(parent.pid, signal.SIGKILL)
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the worker outlived its container"
+        time.sleep(0.05)

@@ -94,10 +94,40 @@ def spawn(argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> su
         )
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), also those that left its process group or session."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def signal_group(pid: int, sig: signal.Signals) -> None:
-    """Signal the container's whole process group (its PID is the group id)."""
+    """Signal the container's whole process group (its PID is the group id).
+
+    SIGKILL reaches every process of the container, as a runtime's cgroup kill does: also children that
+    started their own session (torchrun starts each worker with ``start_new_session``), which would
+    otherwise outlive their "container". SIGTERM goes to the group only, as a kubelet sends it to the
+    container's main process, which forwards it.
+    """
+    below = descendants(pid) if sig == signal.SIGKILL else []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+    for child in below:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, sig)
 
 
 def nsenter(pid: int, argv: list[str]) -> list[str]:
