@@ -48,6 +48,7 @@ class ServedBaseModel(ApiModel):
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", max_length=128)
     """The model name clients send for the base model."""
     credentials_secret_ref: SecretName | None = None
+    """Name of a Secret in the same namespace: HF_TOKEN for hf://."""
 
 
 class VllmSpec(ApiModel):
@@ -65,7 +66,9 @@ class VllmSpec(ApiModel):
     """Size of vLLM's LRU cache of adapter weights in CPU memory (--max-cpu-loras). Not a limit on the adapters
     listed: any number are registered, and those outside the cache are read from disk when requested."""
     max_model_len: int | None = Field(default=None, ge=16)
+    """Context length the engine allocates for (--max-model-len); unset uses the model's own."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    """Fraction of each GPU's memory vLLM may use for weights, adapters and KV cache (--gpu-memory-utilization)."""
     extra_args: list[str] = Field(default_factory=list)
     """Appended to the vLLM command line."""
 
@@ -80,6 +83,7 @@ class LoRAJobRef(ApiModel):
     """A LoRAJob in the same namespace whose published adapter is served."""
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=253)
+    """Name of the LoRAJob; its status.adapter (the newest published adapter) is served."""
 
 
 class AdapterSource(ApiModel):
@@ -90,6 +94,7 @@ class AdapterSource(ApiModel):
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
     """The model name clients send to /v1/chat/completions to use this adapter."""
     lora_job_ref: LoRAJobRef | None = None
+    """Serve the adapter a LoRAJob published; set this or uri."""
     uri: AnyUri | None = None
     """An adapter directory: pvc://, s3://, https:// or file://."""
     digest: Digest | None = None
@@ -106,7 +111,9 @@ class AdapterSource(ApiModel):
 
 class ServiceSpec(ApiModel):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """Service type of the OpenAI-compatible endpoint."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """Service port of the OpenAI-compatible endpoint (status.endpoint)."""
 
 
 class AdapterDeploymentSpec(ApiModel):
@@ -115,16 +122,21 @@ class AdapterDeploymentSpec(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel(NAMES_DO_NOT_SHADOW_BASE))
 
     base_model: ServedBaseModel
+    """The base model every replica loads; adapters must be trained on it."""
     replicas: int = Field(default=1, ge=0, le=100)
+    """Serving pods; each loads every listed adapter. Also set through the scale subresource (kubectl scale, HPA)."""
     engine: Literal["vllm", "cpu"] = "vllm"
     """vllm on GPUs; cpu is a transformers+peft engine for local clusters and tests."""
     vllm: VllmSpec = Field(default_factory=VllmSpec)
+    """Engine settings: image, LoRA capacity, context length, extra arguments."""
     resources: Resources = Field(default_factory=Resources)
+    """GPUs, requests, limits and placement of each serving pod."""
     adapters: list[AdapterSource] = Field(
         default_factory=list, max_length=MAX_ADAPTERS,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
     """Adapters to serve, keyed by name: the API server refuses a name listed twice."""
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    """The Service in front of the replicas."""
 
     @field_validator("adapters")
     @classmethod
@@ -156,21 +168,32 @@ class ReplicaDisagreement(ApiModel):
     """A replica whose view of an adapter is not the aggregate ``state``."""
 
     pod: str
+    """The replica's pod name."""
     state: AdapterState
+    """The adapter's state on that replica."""
     reason: str | None = None
+    """Why, when it failed there."""
 
 
 class AdapterStatus(ApiModel):
     """One adapter, aggregated over replicas: counts, and replicas named only where they disagree."""
 
     name: str
+    """The adapter's name (the model name clients send)."""
     state: AdapterState = "Pending"
+    """Pending, Downloading, Loading, Loaded (on every ready replica), Unloading or Failed."""
     digest: str | None = None
+    """sha256 of the adapter's files, as verified by the agents."""
     uri: str | None = None
+    """Where the adapter is loaded from."""
     loaded_replicas: int = 0
+    """Replicas that have it loaded."""
     reason: str = ""
+    """Why it is not Loaded, e.g. DigestMismatch, RankTooLarge."""
     message: str = ""
+    """Details for reason."""
     last_transition_time: str | None = None
+    """When state last changed (RFC 3339)."""
     disagreeing_replicas: list[ReplicaDisagreement] = Field(default_factory=list,
                                                             max_length=MAX_DISAGREEING_REPLICAS)
     """Up to three replicas whose state differs from ``state`` (a replica still loading, one that failed);
@@ -181,12 +204,19 @@ class AdapterDeploymentStatus(ApiModel):
     """Observed state of an AdapterDeployment."""
 
     phase: DeploymentPhase = DeploymentPhase.PENDING
+    """Pending, Progressing, Ready, Degraded or Failed."""
     observed_generation: int | None = None
+    """The metadata.generation this status describes."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Ready, Reconciling, Stalled (kstatus), Progressing, Degraded."""
     replicas: int = 0
+    """Serving pods that exist."""
     ready_replicas: int = 0
+    """Serving pods that are Ready."""
     endpoint: str | None = None
+    """OpenAI-compatible base URL inside the cluster: http://<name>.<namespace>.svc:<port>/v1."""
     adapters: list[AdapterStatus] = Field(default_factory=list)
+    """Each listed adapter's state across the replicas."""
     adapters_ready: str = "0/0"
     """Loaded adapters / desired adapters, for the printer column."""
     message: str = ""

@@ -74,11 +74,15 @@ class Toleration(ApiModel):
     """A pod toleration, as in core/v1."""
 
     key: str | None = None
+    """The taint key to match; empty with operator Exists matches every taint."""
     operator: Literal["Equal", "Exists"] = "Equal"
+    """Equal matches the taint value; Exists matches any value of the key."""
     value: str | None = None
+    """The taint value to match (operator Equal)."""
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
     """Empty matches every effect (as in core/v1)."""
     toleration_seconds: int | None = Field(default=None, ge=0)
+    """With effect NoExecute: how long the pod stays bound after the taint appears; unset is forever."""
 
 
 class Resources(ApiModel):
@@ -91,19 +95,29 @@ class Resources(ApiModel):
     limits: dict[str, Quantity] = Field(default_factory=dict)
     """Extra resource limits."""
     node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}."""
     tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pods tolerate, e.g. a dedicated GPU node pool."""
     priority_class_name: str | None = None
+    """PriorityClass of the pods (scheduling order and preemption)."""
 
 
 class Condition(ApiModel):
     """A Kubernetes-style condition (metav1.Condition)."""
 
     type: str
+    """Ready, Reconciling or Stalled (both kinds); Validated, Running, Succeeded (LoRAJob); Progressing,
+    Degraded (AdapterDeployment)."""
     status: Literal["True", "False", "Unknown"]
+    """True, False or Unknown."""
     reason: str = ""
+    """CamelCase reason for the last transition (see docs/api.md for each value)."""
     message: str = ""
+    """What happened, in words; for Stalled, what to fix."""
     last_transition_time: str | None = None
+    """When status last changed (RFC 3339)."""
     observed_generation: int | None = None
+    """The metadata.generation this condition describes."""
 
 
 def now_rfc3339() -> str:

@@ -83,6 +83,7 @@ class LoraSpec(ApiModel):
     alpha: float = Field(default=32, gt=0, le=4096)
     """Scaling numerator (lora_alpha); the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA update during training (lora_dropout)."""
     target_modules: str = Field(default="all-linear", pattern=r"^(all-linear|[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*)$")
     """all-linear, or a comma-separated list of module names such as q_proj,v_proj."""
     use_rslora: bool = False
@@ -99,8 +100,11 @@ class QuantizationSpec(ApiModel):
     """4-bit loading of the frozen base (bitsandbytes); method qlora only."""
 
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the base weights; nf4 (NormalFloat) is the QLoRA default."""
     double_quant: bool = True
+    """Also quantize the quantization constants (a little less memory)."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype the 4-bit weights are dequantized to for the matrix multiplications."""
 
 
 Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
@@ -113,24 +117,33 @@ class TrainingSpec(ApiModel):
     """Hyperparameters (TRL SFTConfig). Defaults follow the QLoRA recipe."""
 
     epochs: int = Field(default=3, ge=1, le=100)
+    """Passes over the training set (ignored when maxSteps is set)."""
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps (overrides epochs); handy for smoke runs."""
     learning_rate: float = Field(default=2.0e-4, gt=0.0, le=1.0)
+    """Peak learning rate of the LoRA weights."""
     scheduler: Scheduler = "cosine"
+    """Learning-rate schedule after warmup (transformers lr_scheduler_type)."""
     warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0)
+    """Fraction of the steps spent ramping the learning rate up from 0."""
     batch_size: int = Field(default=4, ge=1, le=1024)
     """Per-device micro-batch size."""
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024)
+    """Micro-batches per optimizer step; the effective batch is batchSize x this x processes."""
     max_seq_length: int = Field(default=2048, ge=16, le=131072)
     """Longest tokenized sample allowed; longer samples fail pre-flight with their line number."""
     packing: bool = True
     """Pack samples into full rows on GPU (padding-free batching on CPU)."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass instead of keeping them: less memory, more compute."""
     optimizer: Optimizer = "paged_adamw_32bit"
+    """Optimizer (transformers optim); the paged ones spill optimizer state to CPU memory under pressure."""
     eval_steps: int = Field(default=50, ge=1)
+    """Evaluate on the held-out set every this many steps (status.progress.evalLoss)."""
     save_steps: int = Field(default=50, ge=1)
     """Checkpoint interval; a retried or resumed Job continues from the newest checkpoint."""
     seed: int = Field(default=42, ge=0)
+    """Seed for the data split, shuffling and LoRA initialisation."""
 
 
 class TrainingResources(Resources):
@@ -162,6 +175,7 @@ class OutputSpec(ApiModel):
     uri: UriField("pvc", "s3", "file")  # type: ignore[valid-type]
     """pvc://, s3:// or file:// directory."""
     credentials_secret_ref: SecretName | None = None
+    """Secret with AWS_* keys for s3:// URIs."""
 
 
 class LoRAJobSpec(ApiModel):
@@ -170,21 +184,29 @@ class LoRAJobSpec(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA, FSDP_NEEDS_PROCESSES))
 
     base_model: BaseModelSource
+    """The model to fine-tune."""
     dataset: DatasetSource
+    """The training (and optional evaluation) data."""
     output: OutputSpec
+    """Where the adapter is published."""
     method: Literal["qlora", "lora"] = "qlora"
     """qlora loads the frozen base in 4 bits; lora in bf16/fp32."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    """The adapter's shape: rank, alpha, dropout, target modules."""
     quantization: QuantizationSpec | None = None
     """qlora only; defaults to nf4 + double quant + bfloat16 compute."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Hyperparameters; frozen while a run is in progress."""
     resources: TrainingResources = Field(default_factory=TrainingResources)
+    """GPUs, nodes, requests, limits and placement of the training pods."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """How several GPUs or nodes share the work."""
     image: str = ""
     """Trainer image; empty uses the operator's default."""
     backoff_limit: int = Field(default=2, ge=0, le=20)
     """Retries of the training pod; each resumes from the newest checkpoint."""
     active_deadline_seconds: int = Field(default=86400, ge=60)
+    """Longest a training attempt may run before its Job is failed (Job activeDeadlineSeconds)."""
     suspend: bool = False
     """true stops training and keeps checkpoints; false resumes from the newest one."""
     queue_name: str | None = Field(default=None, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -251,27 +273,43 @@ class AdapterInfo(ApiModel):
     """The published adapter."""
 
     uri: str
+    """Where the adapter's files are: <output.uri>/rev-<revision>."""
     digest: Digest
     size_bytes: int = Field(ge=0)
+    """Total size of the adapter's files."""
     rank: int = Field(ge=1)
+    """LoRA rank r (an AdapterDeployment's vllm.maxLoraRank must be at least this)."""
     base_model: str
+    """The base model URI it was trained on."""
     peft_type: str = "LORA"
+    """peft's adapter type (LORA)."""
 
 
 class Progress(ApiModel):
     """Live training progress, published by the trainer."""
 
     step: int = 0
+    """Optimizer steps done."""
     total_steps: int = 0
+    """Optimizer steps the run will take."""
     epoch: float = 0.0
+    """Epochs done, fractional."""
     percent: int = Field(default=0, ge=0, le=100)
+    """step / totalSteps, in percent."""
     loss: float | None = None
+    """Training loss of the last logged step."""
     eval_loss: float | None = None
+    """Loss on the held-out set at the last evaluation."""
     learning_rate: float | None = None
+    """Learning rate at the last logged step."""
     tokens_per_second: float | None = None
+    """Training throughput over the last interval."""
     eta_seconds: int | None = None
+    """Estimated seconds until the run finishes."""
     last_checkpoint: str | None = None
+    """Newest checkpoint a retried or resumed pod continues from."""
     updated_at: str | None = None
+    """When the trainer last wrote this (RFC 3339)."""
     adapter: AdapterInfo | None = None
     """Set by the trainer once the adapter is published: the result survives its pod."""
 
@@ -280,16 +318,26 @@ class LoRAJobStatus(ApiModel):
     """Observed state of a LoRAJob."""
 
     phase: JobPhase = JobPhase.PENDING
+    """Pending, Validating, Queued, Running, Suspended, Succeeded or Failed."""
     observed_generation: int | None = None
+    """The metadata.generation this status describes."""
     revision: int | None = None
     """The generation whose spec is being (or was) trained; output goes to rev-<revision>/."""
     conditions: list[Condition] = Field(default_factory=list)
+    """Ready, Reconciling, Stalled (kstatus), Validated, Running, Succeeded."""
     job_name: str | None = None
+    """The training Job of the current revision, once created."""
     validation_job_name: str | None = None
+    """The pre-flight Job of the current revision."""
     start_time: str | None = None
+    """When the training Job was created (RFC 3339)."""
     completion_time: str | None = None
+    """When the run ended (RFC 3339)."""
     attempts: int = 0
+    """Attempts of the training Job of this revision, the one in progress included (each retry resumes from
+    a checkpoint)."""
     progress: Progress | None = None
+    """Live progress, written by the trainer."""
     adapter: AdapterInfo | None = None
     """The adapter of this revision, once published."""
     last_succeeded_adapter: AdapterInfo | None = None
