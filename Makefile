@@ -11,7 +11,7 @@ TORCH_WHEELS := $(HOME)/.cache/kubelora/wheels/torch-2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: cluster-build venv test test-unit test-integration test-e2e lint generate demo demo-down cluster-up cluster-down bench clean prometheus
+.PHONY: cluster-build venv test test-unit test-integration test-e2e test-reliability lint generate demo demo-down cluster-up cluster-down bench clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,7 +36,7 @@ generate: $(STAMP)
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # Kubernetes v1.37 cluster that is built from Go modules once and cached in ~/.cache/kubelora).
 test: lint cluster-build prometheus
-	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e -q -rfEs --durations=15
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e tests/reliability -q -rfEs --durations=15
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit -q
@@ -46,6 +46,10 @@ test-integration: $(STAMP)
 
 test-e2e: cluster-build prometheus
 	$(BIN)/python -m pytest tests/e2e -q -rfEs
+
+# Faults (operator killed per phase, API server restart, full disk, S3 down) on the same local cluster.
+test-reliability: cluster-build
+	$(BIN)/python -m pytest tests/reliability -q -rfEs
 
 # The e2e tests scrape the operator with a real Prometheus: Debian's package, installed when missing (as root,
 # like the rest of `make test`). Its service is left stopped; the tests start their own on a free port.

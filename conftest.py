@@ -14,4 +14,4 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-pytest_plugins = ["tests.e2e.operator_fixture"]
+pytest_plugins = ["tests.e2e.cluster_fixture", "tests.e2e.operator_fixture"]

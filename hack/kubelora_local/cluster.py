@@ -367,6 +367,18 @@ def down(state_dir: Path | None = None) -> list[str]:
     return stopped
 
 
+def restart_apiserver(state_dir: Path | None = None, down_seconds: float = 0.0, timeout: float = 60.0) -> None:
+    """Stop kube-apiserver, keep it down ``down_seconds``, start it with the same flags, wait for /readyz."""
+    state = Path(state_dir or default_state_dir())
+    run = state / "run"
+    argv = json.loads((run / "kube-apiserver.argv").read_text())
+    processes.stop("kube-apiserver", run)
+    time.sleep(down_seconds)
+    processes.spawn("kube-apiserver", argv, run)
+    kube = load(state).client()
+    _wait(run, "kube-apiserver", lambda: kube.text("/readyz", timeout=2) == "ok", timeout, "/readyz after restart")
+
+
 def _kill_leftover_containers(state: Path) -> None:
     """Container processes survive a runner that was SIGKILLed or crashed: kill their groups."""
     for pid_file in (state / "pods").glob("*/*/containers/*/pid"):

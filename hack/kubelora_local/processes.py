@@ -8,6 +8,7 @@ the process start time: `down` must never signal an unrelated process that reuse
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -52,6 +53,7 @@ def spawn(name: str, argv: Sequence[str], run_dir: Path, env: dict[str, str] | N
             start_new_session=True,
         )
     write_pid_file(run_dir / f"{name}.pid", proc.pid)
+    (run_dir / f"{name}.argv").write_text(json.dumps(list(argv)))  # what a restart runs again
     return proc.pid
 
 
