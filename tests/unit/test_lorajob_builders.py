@@ -234,3 +234,53 @@ def test_long_names_stay_distinct() -> None:
 )
 def test_revision_label(labels: dict[str, str] | None, expected: int | None) -> None:
     assert revision_of(labels) == expected
+
+
+def multi_node(nodes: int = 2, gpus: int = 0, **over: Any) -> LoRAJobSpec:
+    return spec(resources={"gpus": gpus, "nodes": nodes}, **over)
+
+
+def test_one_node_is_one_pod_of_a_plain_job() -> None:
+    job = training_job(REF, spec(), 2, 3, SETTINGS)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    assert "completionMode" not in job["spec"] and "backoffLimitPerIndex" not in job["spec"]
+    pod = job["spec"]["template"]["spec"]
+    assert "subdomain" not in pod and "KUBELORA_RDZV_ENDPOINT" not in env_names(job)
+
+
+def test_several_nodes_are_an_indexed_job_that_restarts_as_a_group() -> None:
+    job = training_job(REF, multi_node(4, gpus=8), 2, 3, SETTINGS)
+    s = job["spec"]
+    assert (s["completionMode"], s["completions"], s["parallelism"]) == ("Indexed", 4, 4)
+    # Each index has the spec's retries; one out of them fails the Job (maxFailedIndexes 0) instead of hanging.
+    assert (s["backoffLimitPerIndex"], s["maxFailedIndexes"]) == (4, 0) and "backoffLimit" not in s
+    assert s["podReplacementPolicy"] == "Failed"  # a new group only once the old pods have stopped
+    assert {r["action"] for r in s["podFailurePolicy"]["rules"]} == {"FailJob", "Ignore"}
+    pod = s["template"]["spec"]
+    assert pod["subdomain"] == "bot-train-3"
+    env = env_names(job)
+    # Pod 0 of the Job is bot-train-3-0 (the Job controller's hostname), bot-train-3-0.bot-train-3 in DNS.
+    assert env["KUBELORA_RDZV_ENDPOINT"]["value"] == "bot-train-3-0.bot-train-3:29400"
+    assert env["KUBELORA_RDZV_ID"]["value"] == "bot-train-3"
+    assert container(job)["ports"] == [{"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"}]
+    assert container(job)["resources"]["limits"] == {"nvidia.com/gpu": "8"}  # GPUs per node, per pod
+
+
+def test_rendezvous_service_is_headless_and_selects_the_jobs_pods() -> None:
+    from kubelora.resources.lorajob_jobs import rendezvous_service
+
+    svc = rendezvous_service(REF, 2, 3)
+    assert svc["kind"] == "Service" and svc["metadata"]["name"] == "bot-train-3"
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert svc["metadata"]["labels"]["kubelora.io/lorajob"] == "bot"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": "bot-train-3"}
+
+
+def test_rendezvous_service_name_starts_with_a_letter() -> None:
+    from kubelora.resources.lorajob_names import rendezvous_service_name
+
+    assert rendezvous_service_name("bot", 3) == "bot-train-3"
+    assert rendezvous_service_name("7b-bot", 3) == "t7b-bot-train-3"
+    long = rendezvous_service_name("9" * 80, 3)
+    assert long[0].isalpha() and len(long) <= 63

@@ -72,6 +72,24 @@ def test_preflight_pass_creates_identity_and_training_job() -> None:
     assert (again.patch, again.actions) == ({}, ())
 
 
+def test_several_nodes_get_a_rendezvous_service_before_their_indexed_job() -> None:
+    world = World(spec=merge(SPEC, {"resources": {"gpus": 0, "nodes": 2}}))
+    world.step()
+    world.pods.append(vpod("Succeeded", exit_code=0, message=result(validation=True)))
+    world.jobs[0] = vjob(succeeded=1, condition="Complete")
+    plan = world.step(LATER)
+    assert names(plan)[-2:] == ["create Service/bot-train-1", "create Job/bot-train-1"]
+    created = {a.manifest["kind"]: a.manifest for a in plan.actions}
+    assert created["Job"]["spec"]["completionMode"] == "Indexed"
+    assert created["Job"]["spec"]["template"]["spec"]["subdomain"] == created["Service"]["metadata"]["name"]
+    # Two pods of one attempt are one attempt, not two.
+    world.put(pod("p0", "bot-train-1", "Running"), pod("p1", "bot-train-1", "Running"))
+    world.jobs[-1]["status"]["active"] = 2
+    running = world.step(LATER)
+    assert running.phase == "Running" and world.status is not None and world.status["attempts"] == 1
+    assert "attempt 1 of 3" in running.message
+
+
 def test_validation_message_survives_later_reconciles() -> None:
     world = running_world()
     world.put(pod("bot-train-1-aaaaa", "bot-train-1", "Running"), job("bot-train-1", active=1))

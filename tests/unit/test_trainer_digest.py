@@ -155,10 +155,22 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path: Path) -> None:
     (root / "checkpoint-x").mkdir()
     assert [c.step for c in list_checkpoints(root)] == [20, 15, 10, 5]
     assert checkpoint_problem(torn, 15) == "no trainer_state.json (interrupted while saving)"
-    assert checkpoint_problem(bad, 20) == "no optimizer.pt"
+    assert checkpoint_problem(bad, 20) == "no optimizer state"
     ckpt = find_resume_checkpoint(root)
     assert ckpt is not None and ckpt.step == 10
     assert not torn.exists() and not bad.exists()
+
+
+def test_an_fsdp_checkpoint_of_shard_folders_is_complete(tmp_path: Path) -> None:
+    """FSDP writes each rank's shard with torch.distributed.checkpoint: folders instead of files."""
+    root = tmp_path / "checkpoints"
+    d = _checkpoint(root, 8, 8, files=("scheduler.pt",))
+    (d / "pytorch_model_fsdp_0").mkdir()
+    assert checkpoint_problem(d, 8) == "no optimizer state"
+    (d / "optimizer_0").mkdir()
+    assert checkpoint_problem(d, 8) is None
+    ckpt = find_resume_checkpoint(root)
+    assert ckpt is not None and ckpt.step == 8
 
 
 def test_resume_with_only_broken_checkpoints_starts_over_loudly(

@@ -16,10 +16,19 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import traceback
 
 from kubelora.api.reasons import Reason
-from kubelora.api.runtime import EXIT_FAILED, EXIT_OK, TRAINER_CONFIG_PATH, TrainerResult, TrainerRunConfig
+from kubelora.api.runtime import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    TRAINER_CONFIG_PATH,
+    TrainerResult,
+    TrainerRunConfig,
+)
+from kubelora_trainer import distributed
 from kubelora_trainer.errors import InvalidSpecError, TrainerError
 
 log = logging.getLogger("kubelora_trainer")
@@ -107,6 +116,9 @@ def run(args: argparse.Namespace) -> tuple[int, TrainerResult]:
         log.info("lorajob %s/%s revision %d: %s", config.namespace, config.name, config.revision,
                  "validate only" if args.validate_only else f"train ({config.spec.method})")
         _quiet_libraries()
+        plan = distributed.world_plan(config.spec)
+        if not args.validate_only and plan.world_size > 1 and not distributed.is_worker():
+            return launch(args, config, plan)
         from kubelora_trainer import train
 
         result = train.validate_only(config) if args.validate_only else train.train(config)
@@ -122,11 +134,55 @@ def run(args: argparse.Namespace) -> tuple[int, TrainerResult]:
                                           message=f"{type(exc).__name__}: {str(exc)[:1500]}")
 
 
+def launch(args: argparse.Namespace, config: TrainerRunConfig,
+           plan: distributed.WorldPlan) -> tuple[int, TrainerResult]:
+    """Run this node's share of the world under torchrun and report for the pod.
+
+    Workers leave their results in a private folder; the pod reports the one that explains it (a failure
+    before a success) with the exit code of the first worker that failed, so the Job's podFailurePolicy
+    sees 2 (bad input) or 143 (stopped) exactly as from a single process.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args as torchrun_parse_args
+    from torch.distributed.run import run as torchrun
+
+    endpoint = os.environ.get(distributed.RDZV_ENDPOINT_ENV, "")
+    node_rank = int(os.environ.get(distributed.NODE_RANK_ENV) or 0)
+    if plan.nnodes > 1:
+        distributed.wait_for_endpoint(endpoint)
+    with tempfile.TemporaryDirectory(prefix="kubelora-ranks-") as folder:
+        os.environ[distributed.RESULT_DIR_ENV] = folder
+        argv = distributed.torchrun_argv(plan, ["--config", args.config, "--termination-log", ""],
+                                         node_rank=node_rank, endpoint=endpoint,
+                                         run_id=os.environ.get(distributed.RDZV_ID_ENV) or config.name)
+        log.info("torchrun %s", " ".join(argv))
+        code = EXIT_OK
+        try:
+            torchrun(torchrun_parse_args(argv))
+        except ChildFailedError as exc:
+            _, failure = exc.get_first_failure()
+            code = distributed.exit_code(failure.exitcode)
+        except SignalException:
+            code = EXIT_STOPPED
+        picked = distributed.pick_result(distributed.read_results(folder))
+    if picked is None:
+        return code or EXIT_FAILED, TrainerResult(
+            ok=False, reason=Reason.TRAINING_FAILED.value,
+            message=f"torchrun workers on node {node_rank} ended (exit {code}) without a result")
+    result = TrainerResult.model_validate(picked)
+    if code == EXIT_OK and not result.ok:
+        code = EXIT_FAILED
+    return code, result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _setup_logging()
     code, result = run(args)
     text = result_json(result)
+    if distributed.is_worker():
+        distributed.write_result(text, distributed.current_rank())
     write_termination_log(args.termination_log, text)
     sys.stdout.write(text + "\n")
     sys.stdout.flush()

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp_0")
+"""A single-process or DDP checkpoint holds the adapter; an FSDP one each rank's shard (a DCP folder)."""
+_OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
         return f"unreadable {STATE_FILE}: {exc}"
     if state.get("global_step") != step:
         return f"{STATE_FILE} says step {state.get('global_step')}, folder says {step}"
-    if not any((path / w).is_file() for w in _WEIGHTS):
+    if not any((path / w).exists() for w in _WEIGHTS):
         return "no adapter weights"
-    for name in ("optimizer.pt", "scheduler.pt"):
-        if not (path / name).is_file():
-            return f"no {name}"
+    if not any((path / o).exists() for o in _OPTIMIZER):
+        return "no optimizer state"
+    if not (path / "scheduler.pt").is_file():
+        return "no scheduler.pt"
     return None
 
 
@@ -114,24 +117,30 @@ class RemoteCheckpoints:
     def pull_newest(self) -> Checkpoint | None:
         """Download the newest remote checkpoint whose trainer_state.json says it is complete."""
         for step in self._remote_steps():
-            name = f"checkpoint-{step}"
-            remote = locate(self.loc.display(f"{self.rel}/{name}"))
-            state_path = remote.child(STATE_FILE)
-            try:
-                with remote.fs.open(state_path, "rb") as fh:
-                    state = json.loads(fh.read())
-            except (OSError, ValueError):
-                log.warning("remote checkpoint %s is incomplete; skipping it", remote.display())
-                continue
-            if state.get("global_step") != step:
-                continue
-            dest = self.local_root / name
-            if dest.exists():
-                shutil.rmtree(dest)
-            log.info("downloading checkpoint %s", remote.display())
-            download_dir(remote, dest)
-            return Checkpoint(dest, step)
+            got = self.pull_step(step)
+            if got is not None:
+                return got
         return None
+
+    def pull_step(self, step: int) -> Checkpoint | None:
+        """Download ``checkpoint-<step>`` if its trainer_state.json says it is complete."""
+        name = f"checkpoint-{step}"
+        remote = locate(self.loc.display(f"{self.rel}/{name}"))
+        state_path = remote.child(STATE_FILE)
+        try:
+            with remote.fs.open(state_path, "rb") as fh:
+                state = json.loads(fh.read())
+        except (OSError, ValueError):
+            log.warning("remote checkpoint %s is incomplete; skipping it", remote.display())
+            return None
+        if state.get("global_step") != step:
+            return None
+        dest = self.local_root / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        log.info("downloading checkpoint %s", remote.display())
+        download_dir(remote, dest)
+        return Checkpoint(dest, step)
 
     def push(self, ckpt_dir: Path) -> None:
         """Upload one checkpoint (state file last), then drop remote checkpoints rotated away locally."""

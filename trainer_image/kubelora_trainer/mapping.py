@@ -145,21 +145,69 @@ def lora_kwargs(lora: LoraSpec) -> dict[str, Any]:
     }
 
 
-def bnb_kwargs(quant: QuantizationSpec, precision: Precision) -> dict[str, Any]:
-    """transformers.BitsAndBytesConfig arguments; the compute dtype is a name (the caller maps it to torch)."""
-    return {
+def bnb_kwargs(quant: QuantizationSpec, precision: Precision, fsdp: bool = False) -> dict[str, Any]:
+    """transformers.BitsAndBytesConfig arguments; dtypes are names (the caller maps them to torch).
+
+    FSDP-QLoRA (peft/bitsandbytes recipe): FSDP flattens and shards parameters of one float dtype, so the
+    packed 4-bit weights are stored in the compute dtype (``bnb_4bit_quant_storage``) instead of uint8.
+    """
+    compute = precision.compute_dtype or quant.compute_dtype
+    out: dict[str, Any] = {
         "load_in_4bit": True,
         "bnb_4bit_quant_type": quant.quant_type,
         "bnb_4bit_use_double_quant": quant.double_quant,
-        "bnb_4bit_compute_dtype": precision.compute_dtype or quant.compute_dtype,
+        "bnb_4bit_compute_dtype": compute,
     }
+    if fsdp:
+        out["bnb_4bit_quant_storage"] = compute
+    return out
 
 
-def estimate_total_steps(train_rows: int, training: TrainingSpec) -> int:
-    """Optimizer steps of the run, before packing changes the row count (used for the logging interval)."""
+Strategy = Literal["single", "ddp", "fsdp"]
+
+
+def plan_strategy(spec: LoRAJobSpec, world_size: int, fits_one_gpu: bool = True) -> Strategy:
+    """single for one process; the spec's ddp or fsdp; auto: ddp when the model fits one GPU, else fsdp."""
+    if world_size <= 1:
+        return "single"
+    chosen = spec.distributed.strategy
+    if chosen == "auto":
+        return "ddp" if fits_one_gpu else "fsdp"
+    return "fsdp" if chosen == "fsdp" else "ddp"
+
+
+def distributed_kwargs(strategy: Strategy, device: Device, checkpointing: bool) -> dict[str, Any]:
+    """SFTConfig arguments for DDP or FSDP2 (gloo on CPU, NCCL on GPU)."""
+    if strategy == "single":
+        return {}
+    out: dict[str, Any] = {"ddp_backend": "gloo" if device.is_cpu else "nccl"}
+    if strategy == "ddp":
+        # Every LoRA weight gets a gradient each step: skip DDP's per-step search for unused parameters.
+        out["ddp_find_unused_parameters"] = False
+        return out
+    out["fsdp"] = "full_shard auto_wrap"
+    out["fsdp_config"] = {
+        "version": 2,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's _no_split_modules (decoder layers)
+        "reshard_after_forward": True,
+        # Each rank writes its shard (torch.distributed.checkpoint): no full copy of the model in one place.
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "cpu_ram_efficient_loading": False,
+        # Under FSDP, checkpointing is FSDP's to apply; the Trainer's own flag would wrap twice.
+        "activation_checkpointing": checkpointing,
+    }
+    return out
+
+
+def estimate_total_steps(train_rows: int, training: TrainingSpec, world_size: int = 1) -> int:
+    """Optimizer steps of the run, before packing changes the row count (used for the logging interval).
+
+    Each step consumes ``batch_size * gradient_accumulation_steps * world_size`` rows.
+    """
     if training.max_steps:
         return int(training.max_steps)
-    per_epoch = math.ceil(math.ceil(train_rows / training.batch_size) / training.gradient_accumulation_steps)
+    per_epoch = math.ceil(math.ceil(train_rows / (training.batch_size * world_size))
+                          / training.gradient_accumulation_steps)
     return max(1, per_epoch) * int(training.epochs)
 
 
@@ -169,7 +217,8 @@ def logging_steps_for(total_steps: int) -> int:
 
 
 def sft_kwargs(spec: LoRAJobSpec, *, output_dir: str, device: Device, data_format: str, has_eval: bool,
-               train_rows: int, assistant_only_loss: bool | None = None) -> dict[str, Any]:
+               train_rows: int, assistant_only_loss: bool | None = None, world_size: int = 1,
+               fits_one_gpu: bool = True) -> dict[str, Any]:
     """trl.SFTConfig arguments for ``spec`` on ``device``.
 
     ``assistant_only_loss`` defaults to True for the messages format (the loss covers assistant turns only);
@@ -179,7 +228,8 @@ def sft_kwargs(spec: LoRAJobSpec, *, output_dir: str, device: Device, data_forma
     precision = plan_precision(spec.method, spec.effective_quantization, device)
     optim, _ = plan_optimizer(t.optimizer, device)
     batching = plan_batching(t, device)
-    total = estimate_total_steps(train_rows, t)
+    total = estimate_total_steps(train_rows, t, world_size)
+    strategy = plan_strategy(spec, world_size, fits_one_gpu)
     # A CPU has no accelerator memory to save: activation checkpointing would only recompute the forward pass.
     checkpointing = t.gradient_checkpointing and not device.is_cpu
     kwargs: dict[str, Any] = {
@@ -196,8 +246,8 @@ def sft_kwargs(spec: LoRAJobSpec, *, output_dir: str, device: Device, data_forma
         "packing": batching.packing,
         "padding_free": batching.padding_free,
         "train_sampling_strategy": "group_by_length" if batching.group_by_length else "random",
-        "activation_checkpointing": checkpointing,
-        "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing else None,
+        "activation_checkpointing": checkpointing and strategy != "fsdp",
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if checkpointing and strategy != "fsdp" else None,
         "optim": optim,
         "seed": t.seed,
         "data_seed": t.seed,
@@ -216,15 +266,17 @@ def sft_kwargs(spec: LoRAJobSpec, *, output_dir: str, device: Device, data_forma
         "dataloader_num_workers": 0,
         "assistant_only_loss": (data_format == "messages") if assistant_only_loss is None else assistant_only_loss,
     }
+    kwargs.update(distributed_kwargs(strategy, device, checkpointing))
     # The best checkpoint must be one that was evaluated: only possible when saves land on eval steps.
     if has_eval and t.save_steps % t.eval_steps == 0:
         kwargs.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
     return kwargs
 
 
-def plan_notes(spec: LoRAJobSpec, device: Device) -> list[str]:
+def plan_notes(spec: LoRAJobSpec, device: Device, world_size: int = 1) -> list[str]:
     """Human lines explaining every hardware-dependent choice (logged at start-up)."""
     t = spec.training
+    strategy = plan_strategy(spec, world_size)
     precision = plan_precision(spec.method, spec.effective_quantization, device)
     batching = plan_batching(t, device)
     _, opt_note = plan_optimizer(t.optimizer, device)
@@ -232,6 +284,11 @@ def plan_notes(spec: LoRAJobSpec, device: Device) -> list[str]:
              + (f"; 4-bit compute {precision.compute_dtype}" if precision.compute_dtype else "")
              + f"; batching {batching.name}"]
     notes += list(precision.notes) + list(batching.notes)
+    if strategy != "single":
+        notes.append(f"{world_size} processes ({spec.resources.nodes} node(s)), {strategy.upper()}, "
+                     f"{'gloo' if device.is_cpu else 'NCCL'}; global batch {t.batch_size} x "
+                     f"{t.gradient_accumulation_steps} x {world_size} = "
+                     f"{t.batch_size * t.gradient_accumulation_steps * world_size} samples per step")
     if opt_note:
         notes.append(opt_note)
     if t.gradient_checkpointing and device.is_cpu:

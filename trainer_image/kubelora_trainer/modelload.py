@@ -163,20 +163,26 @@ def _dtype(name: str) -> Any:
 
 
 def load_base_model(ref: ModelRef, method: str, precision: Precision, device: Device,
-                    bnb: dict[str, Any] | None = None) -> Any:
-    """Load the frozen base: 4-bit through bitsandbytes for qlora (then prepared for k-bit training)."""
+                    bnb: dict[str, Any] | None = None, local_rank: int = 0, sharded: bool = False) -> Any:
+    """Load the frozen base: 4-bit through bitsandbytes for qlora (then prepared for k-bit training).
+
+    Each process puts the model on its own GPU (``local_rank``); with FSDP (``sharded``) it stays in host
+    memory and FSDP moves each process's shard to its GPU, so no GPU ever holds the whole model.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": _dtype(precision.model_dtype), **ref.pretrained_kwargs()}
-    if device.is_cpu:
+    if device.is_cpu or sharded:
         kwargs["device_map"] = "cpu"
     else:
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": local_rank}
+    if not device.is_cpu:
         kwargs["attn_implementation"] = "flash_attention_2" if device.flash_attention else "sdpa"
     if method == "qlora":
         assert bnb is not None
-        kwargs["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-            **{**bnb, "bnb_4bit_compute_dtype": _dtype(bnb["bnb_4bit_compute_dtype"])})
+        names = ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage")
+        dtypes: dict[str, Any] = {k: _dtype(bnb[k]) for k in names if k in bnb}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**{**bnb, **dtypes})  # type: ignore[no-untyped-call]
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.name_or_path, **kwargs)
     except Exception as exc:

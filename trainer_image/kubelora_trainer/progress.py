@@ -154,8 +154,10 @@ class ProgressTracker:
 
     def __init__(self, sinks: list[ProgressSink], interval: float | None = None,
                  checkpoint_uri: Callable[[str], str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, quiet: bool = False) -> None:
         self.sinks = sinks
+        self.quiet = quiet
+        """Keep lines in ``log_lines`` but do not log them (ranks other than 0 of a distributed run)."""
         self.interval = progress_interval() if interval is None else interval
         self.checkpoint_uri = checkpoint_uri or (lambda name: name)
         self.clock = clock
@@ -199,7 +201,8 @@ class ProgressTracker:
 
     def saved(self, checkpoint_name: str) -> None:
         self._update(last_checkpoint=self.checkpoint_uri(checkpoint_name))
-        log.info("saved %s", self.progress.last_checkpoint)
+        if not self.quiet:
+            log.info("saved %s", self.progress.last_checkpoint)
         self._emit(force=True)
 
     def finish(self) -> None:
@@ -257,7 +260,8 @@ class ProgressTracker:
                 f"loss {num(p.loss, '.4f')} eval_loss {num(p.eval_loss, '.4f')} lr {num(p.learning_rate, '.3g')} "
                 f"{num(p.tokens_per_second, '.0f')} tok/s eta {format_duration(p.eta_seconds)}")
         self.log_lines.append(line)
-        log.info(line)
+        if not self.quiet:
+            log.info(line)
 
 
 def make_callback(tracker: ProgressTracker, on_save: Callable[[str], None] | None = None) -> Any:

@@ -62,9 +62,17 @@ def verify_adapter_dir(path: str | os.PathLike[str]) -> AdapterManifest:
     return manifest
 
 
-def save_adapter(model: Any, tokenizer: Any, dest: Path, base_model_uri: str, save_tokenizer: bool) -> None:
-    """Write the adapter (and the tokenizer when training changed it) into ``dest``."""
-    model.save_pretrained(str(dest))
+def save_adapter(model: Any, tokenizer: Any, dest: Path, base_model_uri: str, save_tokenizer: bool,
+                 state_dict: dict[str, Any] | None = None) -> None:
+    """Write the adapter (and the tokenizer when training changed it) into ``dest``.
+
+    ``state_dict``: the gathered full weights of a sharded (FSDP) model; peft keeps the adapter's keys, so
+    the files are the same standard peft format as a single-process run.
+    """
+    if state_dict is not None:
+        model.save_pretrained(str(dest), state_dict=state_dict)
+    else:
+        model.save_pretrained(str(dest))
     cfg_path = dest / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     # The URI, not a path inside this pod: it is what servers compare with the base model they serve.
@@ -139,7 +147,8 @@ def _publish_remote(staging: Path, loc: Location, manifest: AdapterManifest) -> 
 
 
 def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: dict[str, float],
-                    save_tokenizer: bool = False) -> tuple[AdapterManifest, AdapterInfo]:
+                    save_tokenizer: bool = False, state_dict: dict[str, Any] | None = None,
+                    ) -> tuple[AdapterManifest, AdapterInfo]:
     """Save, hash and publish the trained adapter; return its manifest and the status summary."""
     rev_uri = revision_dir(run.spec.output.uri, run.revision)
     loc = locate(rev_uri)
@@ -151,7 +160,7 @@ def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: 
         staging_parent = None
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
     try:
-        save_adapter(model, tokenizer, staging, run.spec.base_model.uri, save_tokenizer)
+        save_adapter(model, tokenizer, staging, run.spec.base_model.uri, save_tokenizer, state_dict)
         manifest = build_manifest(staging, run, metrics)
         if loc.is_local:
             _publish_local(staging, Path(loc.path), manifest)

@@ -41,14 +41,23 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: saving a checkpoint at the end of this step, then stopping", self.signal_name)
 
-    def callback(self) -> Any:
-        """A TrainerCallback that saves and stops once a stop was requested."""
+    def callback(self, rank: Any = None) -> Any:
+        """A TrainerCallback that saves and stops once a stop was requested.
+
+        With several processes the decision is taken together (one tiny all-reduce per step): saving is a
+        collective, so a pod that got SIGTERM alone (an eviction) must not save while its peers step on.
+        """
         from transformers import TrainerCallback
+
+        from kubelora_trainer import distributed
 
         stop = self
 
         class StopCallback(TrainerCallback):
             def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+                if rank is not None and rank.distributed and distributed.any_rank(stop.requested, rank) \
+                        and not stop.requested:
+                    stop.requested, stop.signal_name = True, "a peer's SIGTERM"
                 if stop.requested:
                     control.should_save = True
                     control.should_training_stop = True

@@ -18,10 +18,11 @@ from typing import Any
 
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStats
-from kubelora_trainer import mapping
+from kubelora_trainer import distributed as dist
+from kubelora_trainer import mapping, memory
 from kubelora_trainer.checkpoints import RemoteCheckpoints, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits
-from kubelora_trainer.errors import TrainingFailedError, TrainingStoppedError
+from kubelora_trainer.errors import InvalidSpecError, TrainingFailedError, TrainingStoppedError
 from kubelora_trainer.modelload import ModelRef, detect_device, load_base_model, load_tokenizer, resolve_base_model
 from kubelora_trainer.progress import ProgressSink, ProgressTracker, default_sinks, make_callback
 from kubelora_trainer.publish import existing_adapter, publish_adapter, revision_dir
@@ -73,8 +74,56 @@ def preflight(run: TrainerRunConfig, tokenizer_only: bool = True) -> Preflight:
     else:
         log.info(loss.note)
     stats, splits = validate_splits(tokenizer, splits, spec.training.max_seq_length, loss)
+    gpu_memory = memory.quantity_bytes(spec.resources.gpu_memory) if spec.resources.gpu_memory else None
+    check_memory(run, ref, gpu_memory)
     log.info("pre-flight passed in %.1fs: %s", time.monotonic() - t0, stats.model_dump_json(by_alias=True))
     return Preflight(splits, stats, tokenizer, ref, loss)
+
+
+def model_shape(ref: ModelRef) -> memory.ModelShape | None:
+    """The base model's shape from its config.json (None when it is not a plain decoder the estimate knows)."""
+    import json
+
+    try:
+        path = Path(ref.name_or_path) / "config.json"
+        if path.is_file():
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(ref.name_or_path, **ref.pretrained_kwargs()).to_dict()
+        return memory.ModelShape.from_config(cfg.get("text_config", cfg))
+    except Exception as exc:  # an estimate is advice: never fail a run because it cannot be made
+        log.info("no memory estimate for %s (%s: %s)", ref.uri, type(exc).__name__, str(exc)[:200])
+        return None
+
+
+def check_memory(run: TrainerRunConfig, ref: ModelRef, gpu_bytes: int | None) -> bool:
+    """Refuse a plan whose memory per GPU cannot fit ``gpu_bytes``, naming the smallest plan that would.
+
+    Returns whether the model trains with DDP (a whole replica per GPU): what ``strategy: auto`` decides
+    on; with several processes auto falls back to FSDP when DDP does not fit but FSDP does.
+    """
+    spec = run.spec
+    if spec.resources.gpus == 0 or gpu_bytes is None:
+        return True
+    shape = model_shape(ref)
+    if shape is None:
+        return True
+    world = spec.world_size
+    wanted = mapping.plan_strategy(spec, world)
+    plan = memory.plan_from_spec(spec, world, "fsdp" if wanted == "fsdp" else "ddp")
+    problem = memory.check(shape, plan, gpu_bytes)
+    if problem is None:
+        log.info("memory estimate: %s", memory.estimate(shape, plan).describe())
+        return True
+    if spec.distributed.strategy == "auto" and world > 1:
+        sharded = memory.plan_from_spec(spec, world, "fsdp")
+        if memory.check(shape, sharded, gpu_bytes) is None:
+            log.info("strategy auto: a replica does not fit one GPU, sharding with FSDP (%s)",
+                     memory.estimate(shape, sharded).describe())
+            return False
+    raise InvalidSpecError(f"{problem}. Fix: change spec.method, spec.training or spec.resources accordingly")
 
 
 def validate_only(run: TrainerRunConfig) -> TrainerResult:
@@ -93,7 +142,8 @@ def to_dataset(records: list[Record]) -> Any:
 
 
 def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: DatasetSplits, loss: LossPlan,
-                  device: mapping.Device, output_dir: str, callbacks: list[Any] | None = None) -> Any:
+                  device: mapping.Device, output_dir: str, callbacks: list[Any] | None = None,
+                  world_size: int = 1, fits_one_gpu: bool = True) -> Any:
     """The SFTTrainer this trainer uses (also what the throughput benchmark measures)."""
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -105,7 +155,10 @@ def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: 
     has_eval = bool(splits.eval)
     kwargs = mapping.sft_kwargs(run.spec, output_dir=output_dir, device=device, data_format=splits.format,
                                 has_eval=has_eval, train_rows=len(splits.train),
-                                assistant_only_loss=loss.assistant_only_loss)
+                                assistant_only_loss=loss.assistant_only_loss, world_size=world_size,
+                                fits_one_gpu=fits_one_gpu)
+    if kwargs.get("fsdp") and device.is_cpu:
+        dist.enable_cpu_fsdp()
     args = SFTConfig(**kwargs)
     trainer = SFTTrainer(
         model=model,
@@ -146,7 +199,11 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     """Train (or resume) and publish; returns the TrainerResult. Raises TrainerError on known failures."""
     hooks = hooks or Hooks()
     spec = run.spec
-    done = existing_adapter(run)
+    rank = dist.current_rank()
+    device = detect_device()
+    dist.init(rank, cuda=not device.is_cpu)
+    # Every rank takes rank 0's view of the shared output, so all of them take the same branch.
+    done = dist.broadcast(existing_adapter(run) if rank.is_main else None, rank)
     if done is not None:
         manifest, info = done
         log.info("revision %d is already published and verifies (%s): nothing to do", run.revision, info.digest)
@@ -155,15 +212,18 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
 
     pre = preflight(run, tokenizer_only=True)  # reject bad input before downloading any weights
     model_ref = resolve_base_model(spec.base_model.uri, tokenizer_only=False)
-    device = detect_device()
-    for note in mapping.plan_notes(spec, device):
-        (log.warning if "slow" in note else log.info)(note)
+    fits_one_gpu = check_memory(run, model_ref, _gpu_bytes(device, rank, spec.resources.gpu_memory))
+    strategy = mapping.plan_strategy(spec, rank.world_size, fits_one_gpu)
+    if rank.is_main:
+        for note in mapping.plan_notes(spec, device, world_size=rank.world_size):
+            (log.warning if "slow" in note else log.info)(note)
     precision = mapping.plan_precision(spec.method, spec.effective_quantization, device)
-    bnb = (mapping.bnb_kwargs(spec.effective_quantization, precision)
+    bnb = (mapping.bnb_kwargs(spec.effective_quantization, precision, fsdp=strategy == "fsdp")
            if spec.method == "qlora" and spec.effective_quantization else None)
 
     t_load = time.monotonic()
-    model = load_base_model(model_ref, spec.method, precision, device, bnb)
+    model = load_base_model(model_ref, spec.method, precision, device, bnb, local_rank=rank.local_rank,
+                            sharded=strategy == "fsdp")
     n4 = count_4bit_linear(model)
     log.info("base model loaded in %.1fs%s", time.monotonic() - t_load,
              f" ({n4} Linear4bit layers)" if spec.method == "qlora" else "")
@@ -171,31 +231,65 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
 
     local_ckpts, remote, ckpt_uri = _checkpoint_dirs(run)
     local_ckpts.mkdir(parents=True, exist_ok=True)
-    resume = find_resume_checkpoint(local_ckpts)
-    if resume is None and remote is not None:
-        pulled = remote.pull_newest()
-        resume = find_resume_checkpoint(local_ckpts) if pulled else None
+    resume = _resume_point(local_ckpts, remote, rank)
 
-    sinks = hooks.sinks if hooks.sinks is not None else default_sinks(run.name, run.namespace)
-    tracker = ProgressTracker(sinks, hooks.progress_interval, checkpoint_uri=lambda n: f"{ckpt_uri}/{n}")
-    on_save = (lambda path: remote.push(Path(path))) if remote is not None else None
+    # Only rank 0 reports: one status writer, one log line per step, one uploader of checkpoints.
+    sinks: list[ProgressSink] = []
+    if rank.is_main:
+        sinks = hooks.sinks if hooks.sinks is not None else default_sinks(run.name, run.namespace)
+    tracker = ProgressTracker(sinks, hooks.progress_interval, checkpoint_uri=lambda n: f"{ckpt_uri}/{n}",
+                              quiet=not rank.is_main)
+    on_save = (lambda path: remote.push(Path(path))) if remote is not None and rank.is_main else None
     stop = GracefulStop()
     trainer = build_trainer(run, model=model, tokenizer=pre.tokenizer, splits=pre.splits, loss=pre.loss,
-                            device=device, output_dir=str(local_ckpts),
-                            callbacks=[make_callback(tracker, on_save), stop.callback(), *hooks.extra_callbacks])
+                            device=device, output_dir=str(local_ckpts), world_size=rank.world_size,
+                            fits_one_gpu=fits_one_gpu,
+                            callbacks=[make_callback(tracker, on_save), stop.callback(rank),
+                                       *hooks.extra_callbacks])
     if hooks.on_trainer is not None:
         hooks.on_trainer(trainer)
 
     if resume is not None:
         log.info("resuming from %s at step %d", resume.path, resume.step)
     try:
-        return _train_and_publish(run, trainer, tracker, stop, resume, pre, vocab_before, n4)
+        return _train_and_publish(run, trainer, tracker, stop, resume, pre, vocab_before, n4, rank, strategy)
     finally:
         tracker.close()
 
 
+def _gpu_bytes(device: mapping.Device, rank: dist.Rank, declared: str | None) -> int | None:
+    """The memory of this process's GPU as CUDA reports it (the spec's gpuMemory without a GPU)."""
+    if not device.is_cpu:
+        import torch
+
+        return int(torch.cuda.get_device_properties(rank.local_rank).total_memory)
+    return memory.quantity_bytes(declared) if declared else None
+
+
+def _resume_point(local: Path, remote: RemoteCheckpoints | None, rank: dist.Rank) -> Any:
+    """The checkpoint every rank resumes from: rank 0 picks it (and drops incomplete ones), the others follow.
+
+    With s3 outputs each node trains from a local copy: the first process of a node that lacks the chosen
+    checkpoint downloads it before anyone loads it.
+    """
+    resume = None
+    if rank.is_main:
+        resume = find_resume_checkpoint(local)
+        if resume is None and remote is not None:
+            pulled = remote.pull_newest()
+            resume = find_resume_checkpoint(local) if pulled else None
+    resume = dist.broadcast(resume, rank)
+    if resume is not None and remote is not None and not rank.is_main and rank.local_rank == 0 \
+            and not resume.path.is_dir():
+        remote.pull_step(resume.step)
+    dist.barrier(rank)
+    return resume
+
+
 def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTracker, stop: GracefulStop,
-                       resume: Any, pre: Any, vocab_before: int, n4: int) -> TrainerResult:
+                       resume: Any, pre: Any, vocab_before: int, n4: int, rank: dist.Rank | None = None,
+                       strategy: str = "ddp") -> TrainerResult:
+    rank = rank or dist.Rank()
     spec = run.spec
     t_train = time.monotonic()
     stop.install()
@@ -225,8 +319,14 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
     if pre.splits.eval:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     changed_tokenizer = len(pre.tokenizer) != vocab_before
-    _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer)
-    tracker.published(info)
+    # FSDP: every rank takes part in gathering the full adapter; rank 0 alone writes the standard peft files.
+    state_dict = dist.full_state_dict(trainer.model) if strategy == "fsdp" and rank.distributed else None
+    info = None
+    if rank.is_main:
+        _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer,
+                                  state_dict=state_dict)
+        tracker.published(info)
+    info = dist.broadcast(info, rank)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,
                          message=f"trained {int(metrics.get('global_step', 0))} steps; adapter {info.uri}",
                          adapter=info, metrics=metrics, validation=pre.stats)

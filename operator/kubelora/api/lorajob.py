@@ -12,6 +12,7 @@ from kubelora.api.common import (
     ApiModel,
     Condition,
     Digest,
+    Quantity,
     Resources,
     SecretName,
     UriField,
@@ -157,6 +158,11 @@ class TrainingResources(Resources):
     headless Service; the pods rendezvous at pod 0 (torchrun, c10d) and restart together from the newest
     checkpoint when one is lost. The output (checkpoints) must be on storage every node reaches: a
     ReadWriteMany claim or s3://."""
+    gpu_memory: Quantity | None = None
+    """Memory of one GPU, e.g. 80Gi. Pre-flight estimates memory per GPU for the plan (base weights,
+    LoRA weights, gradients and optimizer state, activations at maxSeqLength x batchSize) and refuses a
+    plan that cannot fit, naming the smallest one that would. On GPU nodes the trainer checks again with
+    the memory it finds."""
 
 
 class DistributedSpec(ApiModel):

@@ -30,7 +30,7 @@ from kubelora.reconcile.lorajob_status import (
     known_reason,
 )
 from kubelora.resources.lorajob_config import trainer_config_map, trainer_identity
-from kubelora.resources.lorajob_jobs import training_job, validation_job
+from kubelora.resources.lorajob_jobs import rendezvous_service, training_job, validation_job
 from kubelora.resources.lorajob_names import training_job_name, validation_job_name
 from kubelora.settings import Settings
 
@@ -159,7 +159,9 @@ def _attempts(run: RunInput, job: JobState, pods: list[PodState]) -> int:
     Never decreases while the Job stays the same, although deleted pods vanish from view.
     """
     stored = run.status.attempts if run.status.job_name == job.name else 0
-    return max(stored, job.active + job.failed + job.succeeded, len(pods), 1)
+    nodes = run.spec.resources.nodes if run.spec else 1
+    # A multi-node attempt is one pod per node: count groups, not pods.
+    return max(stored, -(-(job.active + job.failed + job.succeeded) // nodes), -(-len(pods) // nodes), 1)
 
 
 def _running(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
@@ -221,6 +223,9 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
     if run.observed.job(validation_job_name(run.job.name, run.revision)) is None:
         # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
         actions.append(Create(trainer_config_map(run.job, run.revision, run.spec)))
+    if run.spec.resources.nodes > 1:
+        # The pods' DNS names must exist before they start: node 0's name is every node's rendezvous.
+        actions.append(Create(rendezvous_service(run.job, run.revision, generation)))
     actions.append(Create(training_job(run.job, run.spec, run.revision, generation, run.settings)))
     updates = {"job_name": name, "attempts": 1, "start_time": run.status.start_time or run.now,
                "completion_time": None}

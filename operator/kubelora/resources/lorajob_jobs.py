@@ -18,6 +18,15 @@ so two trainers never write the same checkpoint directory.
 
 With ``spec.queueName`` the training Job carries Kueue's queue label and is created suspended:
 Kueue unsuspends it when its ClusterQueue has quota.
+
+Several nodes (``spec.resources.nodes > 1``) train as one Indexed Job: ``completions = parallelism =
+nodes``, each pod gets ``JOB_COMPLETION_INDEX`` (its node rank) and the hostname ``<job>-<index>`` from the
+Job controller, and ``subdomain`` puts those names in the cluster DNS through a headless Service
+(:func:`rendezvous_service`, ``publishNotReadyAddresses``: peers rendezvous before any is Ready). Every
+pod's torchrun meets at ``<job>-0.<service>:29400``. Workers never restart on their own, so a lost node
+fails its peers' collectives too, every index fails once and the Job starts the whole group again
+(``backoffLimitPerIndex``, ``maxFailedIndexes: 0``: an index out of retries fails the Job at once instead
+of leaving the others to hang), and the new group resumes from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ from kubelora.api.meta import ObjectRef
 from kubelora.api.runtime import EXIT_BAD_INPUT, EXIT_STOPPED, TRAINER_CONFIG_PATH
 from kubelora.api.uris import FileURI, PvcURI, parse_uri
 from kubelora.resources.lorajob_names import (
+    BATCH_JOB_NAME_LABEL,
     CONTAINER_NAME,
     NAME_ANNOTATION,
     PREFLIGHT_COMPONENT,
+    RENDEZVOUS_COMPONENT,
     TRAINER_COMPONENT,
     child_labels,
+    rendezvous_service_name,
     trainer_config_name,
     trainer_identity_name,
     training_job_name,
@@ -66,6 +78,10 @@ CONFIG_VOLUME = "trainer-config"
 CONFIG_DIR = TRAINER_CONFIG_PATH.rsplit("/", 1)[0]
 PREFLIGHT_REQUESTS = {"cpu": "500m", "memory": "1Gi"}
 PREFLIGHT_LIMITS = {"memory": "4Gi"}
+RDZV_PORT = 29400
+"""torchrun's c10d rendezvous on node 0 (kubelora_trainer.distributed.RDZV_PORT)."""
+RDZV_ENDPOINT_ENV = "KUBELORA_RDZV_ENDPOINT"
+RDZV_ID_ENV = "KUBELORA_RDZV_ID"
 
 
 def pod_failure_policy() -> Manifest:
@@ -124,9 +140,15 @@ def _credentials(spec: LoRAJobSpec) -> list[Manifest]:
 
 def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Settings, *,
                   component: str, command: list[str], resources: Resources, base_requests: Mapping[str, str],
-                  service_account: str | None) -> Manifest:
+                  service_account: str | None, rendezvous: tuple[str, str] | None = None) -> Manifest:
+    """``rendezvous``: (training Job name, Service name) of a multi-node run."""
     name = job.name
     volumes, mounts = _volumes(job, revision, spec, resources.gpus)
+    rdzv_env: list[Manifest] = []
+    if rendezvous is not None:
+        job_name, service = rendezvous
+        rdzv_env = [{"name": RDZV_ENDPOINT_ENV, "value": f"{job_name}-0.{service}:{RDZV_PORT}"},
+                    {"name": RDZV_ID_ENV, "value": job_name}]
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": trainer_image(spec, settings),
@@ -135,6 +157,7 @@ def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Se
         "env": merge_env(
             [{"name": PROGRESS_ENV, "value": f"{settings.progress_interval_seconds:g}"}],
             pod_ip_env(),
+            rdzv_env,
             _credentials(spec),
         ),
         "resources": container_resources(resources, base_requests),
@@ -153,29 +176,39 @@ def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Se
     }
     if service_account is not None:
         pod["serviceAccountName"] = service_account
+    if rendezvous is not None:
+        pod["subdomain"] = rendezvous[1]
+        container["ports"] = [{"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"}]
     labels = {PART_OF: "kubelora", MANAGED_BY: MANAGER, **child_labels(name, component, revision)}
     return {"metadata": {"labels": labels, "annotations": {NAME_ANNOTATION: name}}, "spec": pod}
 
 
 def _job(owner: ObjectRef, job_name: str, component: str, revision: int, template: Manifest, *,
-         backoff_limit: int, deadline: int, queue: str | None = None, suspend: bool = False) -> Manifest:
+         backoff_limit: int, deadline: int, queue: str | None = None, suspend: bool = False,
+         nodes: int = 1) -> Manifest:
     labels = child_labels(owner.name, component, revision)
     if queue:
         labels[QUEUE_LABEL] = queue
+    spec: Manifest = {
+        "backoffLimit": backoff_limit,
+        "activeDeadlineSeconds": deadline,
+        "completions": nodes,
+        "parallelism": nodes,
+        "suspend": bool(queue) or suspend,
+        "podFailurePolicy": pod_failure_policy(),
+        "podReplacementPolicy": "Failed",
+        "template": template,
+    }
+    if nodes > 1:
+        # A lost node fails every index once (its peers' collectives break), so the group restarts as a
+        # whole; each index has its own retries and one out of them fails the Job instead of hanging it.
+        del spec["backoffLimit"]
+        spec.update(completionMode="Indexed", backoffLimitPerIndex=backoff_limit, maxFailedIndexes=0)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": object_meta(job_name, owner, labels),
-        "spec": {
-            "backoffLimit": backoff_limit,
-            "activeDeadlineSeconds": deadline,
-            "completions": 1,
-            "parallelism": 1,
-            "suspend": bool(queue) or suspend,
-            "podFailurePolicy": pod_failure_policy(),
-            "podReplacementPolicy": "Failed",
-            "template": template,
-        },
+        "spec": spec,
     }
 
 
@@ -183,12 +216,36 @@ def training_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, generation: i
                  settings: Settings) -> Manifest:
     """Job ``<job>-train-<generation>``: trains ``revision`` (whose config is already in its ConfigMap)."""
     name = job.name
+    job_name = training_job_name(name, generation)
+    nodes = spec.resources.nodes
+    rendezvous = (job_name, rendezvous_service_name(name, generation)) if nodes > 1 else None
     template = _pod_template(job, revision, spec, settings, component=TRAINER_COMPONENT,
                              command=list(TRAIN_COMMAND), resources=spec.resources, base_requests={},
-                             service_account=trainer_identity_name(name))
-    return _job(job, training_job_name(name, generation), TRAINER_COMPONENT, revision, template,
+                             service_account=trainer_identity_name(name), rendezvous=rendezvous)
+    return _job(job, job_name, TRAINER_COMPONENT, revision, template,
                 backoff_limit=spec.backoff_limit, deadline=spec.active_deadline_seconds, queue=spec.queue_name,
-                suspend=spec.suspend)
+                suspend=spec.suspend, nodes=nodes)
+
+
+def rendezvous_service(job: ObjectRef, revision: int, generation: int) -> Manifest:
+    """Headless Service ``<job>-train-<generation>`` naming the pods of a multi-node training Job in DNS.
+
+    ``publishNotReadyAddresses``: the trainer pods have no readiness probe and must find node 0 while
+    they start. Owned by the LoRAJob like every other child (garbage-collected with it).
+    """
+    name = job.name
+    service = rendezvous_service_name(name, generation)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(service, job, child_labels(name, RENDEZVOUS_COMPONENT, revision)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {BATCH_JOB_NAME_LABEL: training_job_name(name, generation)},
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def validation_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, settings: Settings) -> Manifest:

@@ -26,6 +26,9 @@ IDENTITY_COMPONENT = "trainer-identity"
 CONTAINER_NAME = "trainer"
 JOB_NAME_LABEL = "job-name"
 """Set on pods by the Job controller."""
+BATCH_JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+"""The same, under the Job controller's prefixed name (the one to select on)."""
+RENDEZVOUS_COMPONENT = "trainer-rendezvous"
 
 
 def bounded(name: str, suffix: str = "", limit: int = LABEL_LIMIT) -> str:
@@ -58,6 +61,16 @@ def validation_job_name(job: str, revision: int) -> str:
 
 def training_job_name(job: str, generation: int) -> str:
     return bounded(job, f"-train-{generation}")
+
+
+def rendezvous_service_name(job: str, generation: int) -> str:
+    """Headless Service of a multi-node training Job: its pods are ``<training job>-<index>.<this>``.
+
+    The training Job's name, so a pod's full name reads as the Job's; Service names must start with a
+    letter (DNS-1035), so a LoRAJob name starting with a digit gets a ``t`` in front.
+    """
+    name = training_job_name(job, generation)
+    return name if name[0].isalpha() else bounded(f"t{job}", f"-train-{generation}")
 
 
 def child_labels(job: str, component: str, revision: int | None = None) -> dict[str, str]:
