@@ -91,7 +91,8 @@ def _root_schema(kind_doc: str, spec: type[BaseModel], status: type[BaseModel],
         "properties": {
             "apiVersion": {"type": "string", "description": "kubelora.io/v1alpha1."},
             "kind": {"type": "string", "description": "The kind of this object."},
-            "metadata": {"type": "object", "description": "Standard object metadata (name, namespace, labels, ...)."},
+            # No description here: the API server refuses anything but name/generateName under metadata.
+            "metadata": {"type": "object"},
             "spec": model_schema(spec),
             "status": model_schema(status),
         },
