@@ -16,6 +16,7 @@ operator's to check): the operator reports them as InvalidSpec with the same fie
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,7 +80,7 @@ def leaf_paths(schema: Obj, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str,
 def put(target: Obj, path: tuple[str, ...], value: Any) -> None:
     """Set ``path`` (``"0"`` indexes the first list item) to ``value``, making containers on the way."""
     node: Any = target
-    for key, following in zip(path, path[1:]):
+    for key, following in itertools.pairwise(path):
         child = [] if following == "0" else {}
         if isinstance(node, list):
             if not node or not isinstance(node[0], type(child)):
