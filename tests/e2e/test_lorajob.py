@@ -197,8 +197,10 @@ def test_bad_dataset_fails_preflight_with_line_number(env: Env) -> None:
     assert "line 3" in status["message"], status["message"]
     assert env.children("jobs", "broken", "trainer") == []
     assert "jobName" not in status
-    warnings = [e for e in env.events("broken") if e["type"] == "Warning"]
-    assert warnings and warnings[-1]["reason"] == "Failed"
+    # kopf posts Events from a queue after the status patch: wait for it rather than race it.
+    warnings = env.cluster.wait_for(lambda: [e for e in env.events("broken") if e["type"] == "Warning"], 30,
+                                    "the Warning Event")
+    assert warnings[-1]["reason"] == "Failed"
 
 
 def test_invalid_spec_fails_without_children(env: Env) -> None:

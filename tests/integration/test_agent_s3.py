@@ -49,7 +49,8 @@ def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     src = tmp_path / "a"
     src.mkdir()
     (src / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": "/mnt/pvc/models/tiny"})
+        json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                    "base_model_name_or_path": "/mnt/pvc/models/tiny"})
     )
     (src / "adapter_model.safetensors").write_bytes(b"weights")
     write_manifest(src, BASE)
