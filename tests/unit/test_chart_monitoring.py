@@ -78,3 +78,41 @@ def test_schema_rejects_bad_monitoring_values(value: str) -> None:
 
     assert "values don't meet the specifications of the schema" in helm_error("template", "kl", str(CHART),
                                                                                  "--set", value)
+
+
+def serving_pod() -> dict[str, Any]:
+    """The pod template of an AdapterDeployment, as the operator builds it."""
+    from .test_adapterdeployment_builders import deployment, make_body
+
+    template: dict[str, Any] = deployment(make_body())["spec"]["template"]
+    return template
+
+
+def test_serving_monitor_scrapes_engine_and_agent_metrics_of_the_pods_the_operator_builds() -> None:
+    assert "PodMonitor" not in kinds(render()), "opt-in"
+    on = ("monitoring.servingPodMonitor.enabled=true", "monitoring.servingPodMonitor.labels.release=prom")
+    [monitor] = [d for d in render(*on) if d["kind"] == "PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    pod = serving_pod()
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    named_ports = {p["name"]: c["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    scraped = {named_ports[e["port"]] for e in monitor["spec"]["podMetricsEndpoints"] if e["path"] == "/metrics"}
+    assert scraped == {"engine", "agent"}, "vLLM's metrics on the engine port, the agent's on its own"
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}, "serving pods live in the users' namespaces"
+    [scoped] = [d for d in render(*on, "watchNamespaces={a,b}") if d["kind"] == "PodMonitor"]
+    assert scoped["spec"]["namespaceSelector"] == {"matchNames": ["a", "b"]}
+    helm("lint", "--strict", str(CHART), *[a for item in on for a in ("--set", item)])
+
+
+def test_network_policy_lets_the_configured_prometheus_scrape_the_serving_pods() -> None:
+    from kubelora.resources.serving_common import AGENT_PORT, ENGINE_PORT
+
+    base = ("networkPolicy.enabled=true", "watchNamespaces={a}")
+    [closed] = [d for d in render(*base) if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == "a"]
+    assert len(closed["spec"]["ingress"]) == 2, "no scrape rule unless asked for"
+    [policy] = [d for d in render(*base, "networkPolicy.prometheus.enabled=true")
+                if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == "a"]
+    scrape = policy["spec"]["ingress"][-1]
+    assert {p["port"] for p in scrape["ports"]} == {ENGINE_PORT, AGENT_PORT}
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                               "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]

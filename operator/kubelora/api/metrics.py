@@ -94,7 +94,10 @@ def render_metrics_reference() -> str:
            "them at `:8081/metrics` (`--metrics-port`, `KUBELORA_METRICS_PORT`; 0 turns it off), together with "
            "prometheus-client's `process_*` and `python_*` series. The chart's `monitoring.serviceMonitor` / "
            "`monitoring.podMonitor` values scrape them with the Prometheus Operator, and "
-           "`monitoring.dashboard.enabled` ships a Grafana dashboard built on these names.", "",
+           "`monitoring.dashboard.enabled` ships a Grafana dashboard built on these names. "
+           "`monitoring.servingPodMonitor` scrapes the serving pods: vLLM's own `vllm:*` metrics on the engine "
+           "port and the agent's `kubelora_agent_*` metrics on the agent port (with `networkPolicy.enabled`, "
+           "set `networkPolicy.prometheus` so the scrapes get through).", "",
            "| Name | Type | Labels | Meaning |", "| --- | --- | --- | --- |"]
     for metric in CATALOGUE:
         labels = ", ".join(f"`{label}`" for label in metric.labels) or "-"
