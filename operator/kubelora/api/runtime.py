@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from kubelora.api.adapterdeployment import AdapterState
-from kubelora.api.common import ApiModel
+from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN, AdapterState
+from kubelora.api.common import ApiModel, Digest
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
 
 MANIFEST_FILE = "kubelora-manifest.json"
@@ -78,9 +78,11 @@ class AdapterManifest(ApiModel):
 
 
 class DesiredAdapter(ApiModel):
-    name: str
+    # The same rules as AdapterSource: the agent names a cache directory after the name and the digest, so
+    # neither may hold a path separator, a NUL or '..' (the agent checks the path again when it builds it).
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
     uri: str
-    digest: str | None = None
+    digest: Digest | None = None
 
 
 class DesiredAdapters(ApiModel):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from urllib.parse import quote
 
 from pydantic import ValidationError
 
+from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN
 from kubelora.api.digest import DigestMismatchError, check_files, digest_of
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, DesiredAdapters
@@ -165,9 +167,37 @@ def cache_dir_name(name: str, digest: str) -> str:
     return f"{name}-{digest.removeprefix('sha256:')[:12]}"
 
 
+_NAME = re.compile(ADAPTER_NAME_PATTERN)
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_NAME = 63
+
+
+def check_name(name: str) -> None:
+    """Refuse a name that could not be a cache directory's first part (the ConfigMap's model checks it too;
+    this holds for every caller, tests and bench included)."""
+    if len(name) > MAX_NAME or not _NAME.fullmatch(name):
+        raise FetchError(Problem(Reason.FETCH_FAILED, f"adapter name {name!r} is not a valid adapter name "
+                                 f"(lowercase letters, digits, '-', '.', '_'; at most {MAX_NAME})", permanent=True))
+
+
+def cache_path(cache_dir: Path, name: str, digest: str) -> Path:
+    """``cache_dir/<name>-<digest12>``, proven to be a direct child of the cache root once resolved (a planted
+    symlink counts as an escape), or :class:`FetchError`."""
+    check_name(name)
+    if not _DIGEST.fullmatch(digest):
+        raise FetchError(Problem(Reason.DIGEST_MISMATCH, f"adapter {name!r}: {digest!r} is not a sha256 digest",
+                                 permanent=True))
+    path = cache_dir / cache_dir_name(name, digest)
+    if path.resolve().parent != cache_dir.resolve():
+        raise FetchError(Problem(Reason.FETCH_FAILED, f"adapter {name!r}: cache entry {path} resolves outside "
+                                 f"the cache {cache_dir}", permanent=True))
+    return path
+
+
 def _safe_rel(rel: str) -> bool:
     p = PurePosixPath(rel)
-    return bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel and rel != MANIFEST_FILE
+    return (bool(rel) and not p.is_absolute() and ".." not in p.parts and "\\" not in rel and "\x00" not in rel
+            and rel != MANIFEST_FILE)
 
 
 def parse_manifest(raw: bytes, where: str) -> AdapterManifest:
@@ -220,9 +250,10 @@ def load_cached(directory: Path, digest: str | None = None) -> FetchedAdapter | 
 def fetch_adapter(want: Want, cache_dir: Path,
                   open_source: Callable[[str], AdapterSource] = open_source) -> FetchedAdapter:
     """Fetch ``want`` into ``cache_dir`` (or reuse a verified copy); raises :class:`FetchError`."""
+    check_name(want.name)
     cache_dir.mkdir(parents=True, exist_ok=True)
     if want.pin:
-        cached = load_cached(cache_dir / cache_dir_name(want.name, want.pin), want.pin)
+        cached = load_cached(cache_path(cache_dir, want.name, want.pin), want.pin)
         if cached is not None:
             return cached
     source = open_source(want.uri)
@@ -238,7 +269,7 @@ def fetch_adapter(want: Want, cache_dir: Path,
     if want.pin and manifest.digest != want.pin:
         raise FetchError(Problem(Reason.DIGEST_MISMATCH, f"pinned digest {want.pin} but {where} holds "
                                  f"{manifest.digest}", permanent=True))
-    final = cache_dir / cache_dir_name(want.name, manifest.digest)
+    final = cache_path(cache_dir, want.name, manifest.digest)
     cached = load_cached(final, manifest.digest)
     if cached is not None:
         return cached
