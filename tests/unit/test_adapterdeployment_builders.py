@@ -74,6 +74,8 @@ def test_vllm_command_line() -> None:
         "16",
         "--max-cpu-loras",
         "4",
+        "--middleware",
+        "kubelora_server.lora_guard.PodLocalLoRAUpdates",
         "--max-model-len",
         "4096",
         "--gpu-memory-utilization",

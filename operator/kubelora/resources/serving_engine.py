@@ -19,6 +19,13 @@ MANAGED_FLAGS = frozenset({
     "--max-cpu-loras", "--model", "--lora-modules", "--tensor-parallel-size", "--revision",
 })
 """Flags the operator sets itself; an extraArgs entry that repeats one would silently win or clash."""
+LORA_GUARD = "kubelora_server.lora_guard.PodLocalLoRAUpdates"
+"""ASGI middleware (in the server image) that answers the runtime LoRA routes only for the pod itself: they share
+the inference port, so no bind address or NetworkPolicy can keep clients away from them (see its module)."""
+
+
+def guard_flags() -> list[str]:
+    return ["--middleware", LORA_GUARD]
 
 
 class ServingSpecError(ValueError):
@@ -62,7 +69,7 @@ def vllm_command(spec: AdapterDeploymentSpec) -> list[str]:
     check_extra_args(spec.vllm.extra_args)
     model, model_flags = model_argument(spec.base_model.uri)
     args = [*VLLM_COMMAND, model, *model_flags, "--host", "$(POD_IP)", "--port", str(ENGINE_PORT),
-            "--served-model-name", spec.base_model.served_name, *lora_flags(spec)]
+            "--served-model-name", spec.base_model.served_name, *lora_flags(spec), *guard_flags()]
     if spec.vllm.max_model_len is not None:
         args += ["--max-model-len", str(spec.vllm.max_model_len)]
     args += ["--gpu-memory-utilization", str(spec.vllm.gpu_memory_utilization)]
@@ -76,7 +83,8 @@ def cpu_engine_command(spec: AdapterDeploymentSpec) -> list[str]:
     check_extra_args(spec.vllm.extra_args)
     model, model_flags = model_argument(spec.base_model.uri)
     args = [*CPU_ENGINE_COMMAND, "--model", model, *model_flags, "--served-model-name",
-            spec.base_model.served_name, "--host", "$(POD_IP)", "--port", str(ENGINE_PORT), *lora_flags(spec)]
+            spec.base_model.served_name, "--host", "$(POD_IP)", "--port", str(ENGINE_PORT), *lora_flags(spec),
+            *guard_flags()]
     if spec.vllm.max_model_len is not None:
         args += ["--max-model-len", str(spec.vllm.max_model_len)]
     return [*args, *spec.vllm.extra_args]

@@ -16,6 +16,7 @@ from kubelora_server.engine.app import create_app
 from kubelora_server.engine.config import parse_args
 from kubelora_server.engine.host import ModelHost
 from kubelora_server.engine.protocol import EngineError
+from kubelora_server.lora_guard import install
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,7 +33,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             host.load_adapter(name, path)
         except EngineError as exc:
             raise SystemExit(f"--lora-modules {name}={path}: {exc.message}") from None
-    uvicorn.run(create_app(host), host=args.host, port=args.port, log_level="warning", access_log=False)
+    app = create_app(host)
+    for middleware in args.middleware:
+        install(app, middleware)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

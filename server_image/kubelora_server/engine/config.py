@@ -33,6 +33,7 @@ class EngineArgs:
     seed: int = 0
     tokenizer: str | None = None
     revision: str | None = None
+    middleware: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
 
 
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (auto: float32, the fast one on most CPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    p.add_argument("--middleware", action="append", default=[], metavar="IMPORT.PATH",
+                   help="ASGI middleware class or http middleware function to add, as vLLM's flag (repeatable)")
     return p
 
 
@@ -102,5 +105,5 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineArgs:
         max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=max_cpu,
         max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules),
         dtype=ns.dtype, seed=ns.seed,
-        tokenizer=ns.tokenizer, revision=ns.revision, ignored=tuple(unknown),
+        tokenizer=ns.tokenizer, revision=ns.revision, middleware=tuple(ns.middleware), ignored=tuple(unknown),
     )
