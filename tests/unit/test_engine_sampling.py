@@ -9,7 +9,7 @@ import torch
 
 from kubelora_server.engine.config import parse_args
 from kubelora_server.engine.protocol import ChatCompletionRequest, CompletionRequest, EngineError
-from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token
+from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token, token_logprob
 
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "User", 7: ":", 8: "\xe2", 9: "\x82\xac"}
 
@@ -50,6 +50,38 @@ def test_held_back_text_that_does_not_become_a_stop_is_released() -> None:
     assert asm.add(3) == "\n wor"
     asm.add(5)
     assert asm.finish() == "\n"
+
+
+def test_no_stop_before_min_tokens_but_one_ending_after_it_counts() -> None:
+    asm = TextAssembler(decode, ["lo"])
+    assert asm.add(1, may_stop=False) == "Hel"
+    assert asm.add(2, may_stop=False) == "lo", "a stop string inside the first min_tokens is plain text"
+    assert asm.add(3) == " wor" and not asm.stopped
+    assert asm.add(2) == "" and asm.stopped and asm.stop_reason == "lo" and asm.text == "Hello wor"
+    spanning = TextAssembler(decode, ["lo w"])
+    spanning.add(1, may_stop=False)
+    spanning.add(2, may_stop=False)
+    spanning.add(3)
+    assert spanning.stopped and spanning.text == "Hel", "a stop string that ends after min_tokens counts"
+
+
+def test_banned_tokens_never_win() -> None:
+    logits = torch.tensor([0.0, 5.0, 1.0])
+    assert choose_token(logits, SamplingParams(max_tokens=1, temperature=0.0), None, banned=[1]) == 2
+    gen = torch.Generator().manual_seed(0)
+    picks = {choose_token(logits, SamplingParams(max_tokens=1), gen, banned=[1]) for _ in range(50)}
+    assert 1 not in picks
+
+
+def test_token_logprob_is_raw_log_softmax_with_rank_and_top() -> None:
+    logits = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    expected = torch.log_softmax(logits, -1)
+    entry = token_logprob(logits, 2, 2)
+    assert entry.logprob == pytest.approx(float(expected[2])) and entry.rank == 2
+    assert [t for t, _ in entry.top] == [1, 2]
+    assert [t for t, _, _ in entry.ranked()] == [2, 1], "the chosen token first, then the top ones not listed"
+    assert [r for _, _, r in entry.ranked()] == [2, 1]
+    assert len(token_logprob(logits, 0, -1).top) == 4 and token_logprob(logits, 0, 0).top == ()
 
 
 def test_greedy_and_seeded_sampling() -> None:

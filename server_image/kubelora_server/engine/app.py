@@ -1,9 +1,10 @@
 """The engine's HTTP routes, with vLLM's paths, shapes and errors.
 
-Generation runs in a worker thread (it holds the model lock and would otherwise block the event loop) and
-hands text deltas back through a queue, so the same code path serves ``stream: true`` (SSE ``data:`` chunks
-then ``data: [DONE]``) and plain responses. A client that disconnects mid-stream sets a cancel flag that
-the worker checks after every token, so the lock is not held for tokens nobody reads.
+A request becomes one sequence per choice (prompts x ``n``), all submitted to the scheduler thread at once;
+their deltas come back through a queue on the event loop, so the same code path serves ``stream: true``
+(SSE ``data:`` chunks, the last one with the last token's text and the finish reason, then ``data:
+[DONE]``) and plain responses. A client that disconnects mid-stream sets a cancel flag that the scheduler
+checks before every step, so its rows leave the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,9 +25,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kubelora_server.engine.host import Delta, ModelHost
+from kubelora_server.engine.host import ModelHost
 from kubelora_server.engine.protocol import (
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
     EngineError,
     FinishReason,
@@ -33,16 +36,21 @@ from kubelora_server.engine.protocol import (
     SamplingFields,
     UnloadLoRAAdapterRequest,
     chat_chunk,
+    chat_logprobs,
     chat_response,
     completion_chunk,
+    completion_logprobs,
     completion_response,
     model_card,
     model_not_found,
     new_id,
     now,
+    prompt_logprobs_json,
+    usage,
     usage_chunk,
 )
-from kubelora_server.engine.sampling import SamplingParams
+from kubelora_server.engine.sampling import SamplingParams, TokenLogprob
+from kubelora_server.engine.scheduler import Delta
 from kubelora_server.openai_api import (
     CHAT_PATH,
     COMPLETIONS_PATH,
@@ -120,48 +128,120 @@ class EngineMetrics:
             self.ttft.labels(model).observe(first_token - started)
 
 
-async def generate_deltas(host: ModelHost, model: str | None, prompt: list[int],
-                          params: SamplingParams) -> AsyncIterator[Delta]:
-    """Run :meth:`ModelHost.generate` in a worker thread and yield its deltas on the event loop."""
+async def generate_many(host: ModelHost, model: str | None,
+                        jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
+    """Submit every job at once (so they share batches) and yield ``(job index, delta)`` as they come."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
     cancel = threading.Event()
 
-    def put(item: Delta | BaseException | None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
-            cancel.set()
+    def emitter(index: int) -> Callable[[Delta | BaseException | None], None]:
+        def put(item: Delta | BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+            except RuntimeError:  # the loop is gone (server shutting down): nobody is listening
+                cancel.set()
+        return put
 
-    def work() -> None:
-        try:
-            for delta in host.generate(model, prompt, params, cancel):
-                put(delta)
-        except BaseException as exc:
-            put(exc)
-        finally:
-            put(None)
-
-    loop.run_in_executor(None, work)
+    for index, job in enumerate(jobs):
+        host.submit(model, job.prompt, job.params, emitter(index), cancel)
+    left = len(jobs)
     try:
-        while (item := await queue.get()) is not None:
-            if isinstance(item, BaseException):
+        while left:
+            index, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
                 raise item
-            yield item
+            else:
+                yield index, item
     finally:
-        cancel.set()
+        cancel.set()  # a client that went away (or an error) stops the other choices too
 
 
-def sampling_params(req: SamplingFields, max_tokens: int) -> SamplingParams:
+@dataclass(frozen=True)
+class Job:
+    """One choice to generate: prompts x ``n``, indexed as vLLM indexes them (prompt * n + i)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    echo: str = ""
+    echo_logprobs: bool = False
+
+
+def expand(req: SamplingFields, prompts: list[list[int]], limits: list[int], echo: list[str],
+           echo_logprobs: bool = False) -> list[Job]:
+    jobs = []
+    for prompt, limit, echoed in zip(prompts, limits, echo, strict=True):
+        req.check_min_tokens(limit)
+        for i in range(req.n):
+            # vLLM gives the i-th of n sequences seed + i, so n > 1 with a seed is not n copies
+            seed = None if req.seed is None else req.seed + i
+            prompt_logprobs = req.prompt_logprobs
+            if prompt_logprobs is None and echo_logprobs:
+                prompt_logprobs = req.sample_logprobs()
+            jobs.append(Job(prompt, sampling_params(req, limit, seed, prompt_logprobs), echoed, echo_logprobs))
+    return jobs
+
+
+def sampling_params(req: SamplingFields, max_tokens: int, seed: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or -1, seed=req.seed,
-        stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or -1, seed=seed,
+        stop=tuple(req.stop_list()), ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        logprobs=req.sample_logprobs(), prompt_logprobs=prompt_logprobs,
     )
 
 
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+class ChoiceBuilder:
+    """Turns one choice's deltas into response pieces: text, vLLM's logprobs JSON, the echo in front."""
+
+    def __init__(self, job: Job, chat: bool, token_text: Callable[[int], str]) -> None:
+        self.job, self.chat, self.token_text = job, chat, token_text
+        self.choice = Choice()
+        self.entries: list[TokenLogprob | None] = []
+        self.ids: list[int] = []
+        self.offset = 0
+        self.started = False
+        self.prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+    def piece(self, delta: Delta) -> tuple[str, list[TokenLogprob | None], list[int]]:
+        text, entries = delta.text, list[TokenLogprob | None](delta.logprobs)
+        ids = [e.token_id for e in delta.logprobs]
+        if not self.started:
+            self.started = True
+            self.prompt_logprobs = prompt_logprobs_json(delta.prompt_logprobs, self.token_text)
+            text = self.job.echo + text
+            if self.job.echo_logprobs and delta.prompt_logprobs is not None:
+                entries, ids = [*delta.prompt_logprobs, *entries], [*self.job.prompt, *ids]
+        c = self.choice
+        c.text += text
+        c.finish, c.stop_reason, c.tokens = delta.finish, delta.stop_reason, delta.completion_tokens
+        self.entries += entries
+        self.ids += ids
+        return text, entries, ids
+
+    def logprobs(self, entries: list[TokenLogprob | None], ids: list[int], offset: int) -> dict[str, Any] | None:
+        top = self.job.params.logprobs
+        if top is None:
+            return None
+        if self.chat:
+            return chat_logprobs([e for e in entries if e is not None], top, self.token_text)
+        return completion_logprobs(entries, ids, top, self.token_text, offset)
+
+    def whole(self) -> Choice:
+        self.choice.logprobs = self.logprobs(self.entries, self.ids, 0)
+        return self.choice
+
+    def chunk_logprobs(self, text: str, entries: list[TokenLogprob | None], ids: list[int]) -> dict[str, Any] | None:
+        out = self.logprobs(entries, ids, self.offset)
+        self.offset += len(text)
+        return out
 
 
 def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> FastAPI:
@@ -209,63 +289,73 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
 
     def check_common(req: SamplingFields) -> str:
         host.resolve(req.model)
-        if req.n != 1:
-            raise EngineError(400, "BadRequestError", "The CPU engine supports n=1 only.")
+        req.check(host.args.max_logprobs, host.vocab_size)
         return req.model or served
 
-    async def respond(req: SamplingFields, prompts: list[list[int]], max_tokens: list[int], endpoint: str,
-                      whole: Callable[[str, str, int, list[tuple[str, FinishReason]], int, int], dict[str, Any]],
-                      chunk: Callable[..., dict[str, Any]], first: Callable[[str, str, int, int], str | None],
-                      obj: str, echo: list[str]) -> Response:
+    async def respond(req: SamplingFields, jobs: list[Job], prompt_tokens: int, chat: bool) -> Response:
         model_name = req.model or served
+        endpoint, obj = ("chat", "chat.completion.chunk") if chat else ("completions", "text_completion")
         metrics.requests.labels(model_name, endpoint).inc()
-        rid, created = new_id("chatcmpl" if endpoint == "chat" else "cmpl"), now()
-        prompt_tokens = sum(len(p) for p in prompts)
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         started = time.monotonic()
-        if not req.stream:
-            outs: list[tuple[str, FinishReason]] = []
-            produced = 0
-            first_token: float | None = None
-            for i, prompt in enumerate(prompts):
-                text, finish = echo[i], None
-                async for delta in generate_deltas(host, req.model, prompt, sampling_params(req, max_tokens[i])):
-                    first_token = first_token or time.monotonic()
-                    text += delta.text
-                    if delta.finish:
-                        finish, produced = delta.finish, produced + delta.completion_tokens
-                outs.append((text, finish))
+        collectors = [ChoiceBuilder(job, chat, host.token_text) for job in jobs]
+
+        def done(first_token: float | None) -> None:
+            produced = sum(c.choice.tokens for c in collectors)
             metrics.tokens.labels(model_name).inc(produced)
-            metrics.finished(model_name, [f for _, f in outs], prompt_tokens, produced, started, first_token)
-            return JSONResponse(whole(rid, model_name, created, outs, prompt_tokens, produced))
+            metrics.finished(model_name, [c.choice.finish for c in collectors], prompt_tokens, produced, started,
+                             first_token)
+
+        if not req.stream:
+            first_token: float | None = None
+            async for index, delta in generate_many(host, req.model, jobs):
+                first_token = first_token or time.monotonic()
+                collectors[index].piece(delta)
+            done(first_token)
+            choices = [c.whole() for c in collectors]
+            if chat:
+                return JSONResponse(chat_response(rid, model_name, created, choices, prompt_tokens,
+                                                  collectors[0].prompt_logprobs))
+            return JSONResponse(completion_response(rid, model_name, created, choices, prompt_tokens,
+                                                    [c.prompt_logprobs for c in collectors]))
+
+        options = req.stream_options
+        continuous = bool(options and options.continuous_usage_stats)
+
+        def with_usage(chunk: dict[str, Any], index: int, tokens: int) -> dict[str, Any]:
+            if continuous:
+                chunk["usage"] = usage(len(jobs[index].prompt), tokens)
+            return chunk
 
         async def events() -> AsyncIterator[str]:
-            produced = 0
             first_token: float | None = None
-            finishes: list[FinishReason] = []
             try:
-                for i, prompt in enumerate(prompts):
-                    opening = first(rid, model_name, created, i)
-                    if opening:
-                        yield opening
-                    if echo[i]:
-                        yield _sse(chunk(rid, model_name, created, echo[i], index=i))
-                    async for delta in generate_deltas(host, req.model, prompt,
-                                                       sampling_params(req, max_tokens[i])):
-                        first_token = first_token or time.monotonic()
-                        if delta.finish:
-                            produced += delta.completion_tokens
-                            finishes.append(delta.finish)
-                        if delta.text or delta.finish:
-                            yield _sse(chunk(rid, model_name, created, delta.text, delta.finish, index=i))
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    yield _sse(usage_chunk(rid, obj, model_name, created, prompt_tokens, produced))
+                if chat:
+                    for index in range(len(jobs)):
+                        yield _sse(with_usage(chat_chunk(rid, model_name, created,
+                                                         {"role": "assistant", "content": ""}, None, index),
+                                              index, 0))
+                async for index, delta in generate_many(host, req.model, jobs):
+                    first_token = first_token or time.monotonic()
+                    col = collectors[index]
+                    text, entries, ids = col.piece(delta)
+                    logprobs = col.chunk_logprobs(text, entries, ids)
+                    if chat:
+                        body = chat_chunk(rid, model_name, created, {"content": text} if text else {},
+                                          delta.finish, index, logprobs, delta.stop_reason)
+                    else:
+                        body = completion_chunk(rid, model_name, created, text, delta.finish, index, logprobs,
+                                                delta.stop_reason)
+                    yield _sse(with_usage(body, index, delta.completion_tokens))
+                if options is not None and options.include_usage:
+                    yield _sse(usage_chunk(rid, obj, model_name, created, prompt_tokens,
+                                           sum(c.choice.tokens for c in collectors)))
             except EngineError as exc:
                 yield _sse(exc.body())
             except Exception as exc:
                 log.exception("generation failed")
                 yield _sse(error_body(str(exc), "InternalServerError", 500))
-            metrics.tokens.labels(model_name).inc(produced)
-            metrics.finished(model_name, finishes, prompt_tokens, produced, started, first_token)
+            done(first_token)
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -276,16 +366,7 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
         prompt = host.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages],
                                   req.add_generation_prompt)
         limit = host.max_tokens_for(len(prompt), req.requested_max_tokens())
-
-        def chat_delta(rid: str, model: str, created: int, text: str, finish: FinishReason = None,
-                       index: int = 0) -> dict[str, Any]:
-            return chat_chunk(rid, model, created, {"content": text} if text else {}, finish, index)
-
-        def opening(rid: str, model: str, created: int, index: int) -> str:
-            return _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None, index))
-
-        return await respond(req, [prompt], [limit], "chat", chat_response, chat_delta, opening,
-                             "chat.completion.chunk", [""])
+        return await respond(req, expand(req, [prompt], [limit], [""]), len(prompt), chat=True)
 
     @app.post(COMPLETIONS_PATH)
     async def completions(req: CompletionRequest) -> Response:
@@ -302,8 +383,8 @@ def create_app(host: ModelHost, *, allow_runtime_lora: bool | None = None) -> Fa
         prompts = [host.text_prompt(p) for p in raw]
         limits = [host.max_tokens_for(len(p), req.requested_max_tokens()) for p in prompts]
         echo = [(p if isinstance(p, str) else host.decode(p)) if req.echo else "" for p in raw]
-        return await respond(req, prompts, limits, "completions", completion_response, completion_chunk,
-                             lambda *_: None, "text_completion", echo)
+        jobs = expand(req, prompts, limits, echo, echo_logprobs=req.echo and req.logprobs is not None)
+        return await respond(req, jobs, sum(len(p) for p in prompts), chat=False)
 
     if runtime_lora_updating_allowed() if allow_runtime_lora is None else allow_runtime_lora:
         log.warning("LoRA dynamic loading & unloading is enabled in the API server (%s)", LOAD_LORA_PATH)

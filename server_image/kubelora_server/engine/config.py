@@ -27,6 +27,8 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int = 1
+    max_num_seqs: int = 256
+    max_logprobs: int = 20
     max_model_len: int | None = None
     lora_modules: dict[str, str] = field(default_factory=dict)
     dtype: str = "auto"
@@ -65,11 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--enable-lora", action="store_true", help="allow LoRA adapters")
-    p.add_argument("--max-loras", type=int, default=1, help="adapters per batch (accepted for parity)")
+    p.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch")
     p.add_argument("--max-lora-rank", type=int, default=16, choices=LORA_RANKS, help="largest rank accepted")
     p.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters whose weights stay in memory, least recently used evicted; any number can be "
                         "registered (default: --max-loras; must be >= it)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per batch (vLLM's scheduler limit)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most log-probs a request may ask for per token (-1: the vocabulary), like vLLM's")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + completion tokens (default: the model's max_position_embeddings)")
     p.add_argument("--lora-modules", nargs="+", type=_lora_module, default=[], metavar="NAME=PATH|JSON",
@@ -97,12 +102,15 @@ def parse_args(argv: Sequence[str] | None = None) -> EngineArgs:
         parser.error(f"--max-cpu-loras ({max_cpu}) must be >= --max-loras ({ns.max_loras})")
     if ns.max_loras < 1:
         parser.error("--max-loras must be >= 1")
+    if ns.max_num_seqs < 1:
+        parser.error("--max-num-seqs must be >= 1")
     if ns.lora_modules and not ns.enable_lora:
         parser.error("--lora-modules needs --enable-lora")
     served = ns.served_model_name[0] if ns.served_model_name else model
     return EngineArgs(
         model=model, served_model_name=served, host=ns.host, port=ns.port, enable_lora=ns.enable_lora,
         max_loras=ns.max_loras, max_lora_rank=ns.max_lora_rank, max_cpu_loras=max_cpu,
+        max_num_seqs=ns.max_num_seqs, max_logprobs=ns.max_logprobs,
         max_model_len=ns.max_model_len, lora_modules=dict(ns.lora_modules),
         dtype=ns.dtype, seed=ns.seed,
         tokenizer=ns.tokenizer, revision=ns.revision, middleware=tuple(ns.middleware), ignored=tuple(unknown),

@@ -1,18 +1,19 @@
-"""One base model, its LoRA adapters, and generation - all behind one lock.
+"""One base model, its LoRA adapters, and the requests for them.
 
-peft keeps several adapters in one model and switches with ``set_adapter`` (the base is served inside
-``disable_adapter()``). Switching mutates the shared model, so generation, loading and unloading are
-serialised by a lock: one request at a time, which is what a CPU with one model instance can do anyway.
+peft keeps several adapters in one model; the :class:`~kubelora_server.engine.scheduler.Scheduler` thread
+runs every forward pass, each batch row through its own adapter, and applies loads and unloads between two
+steps, so nothing else mutates the model and a load never waits for a whole generation.
 
 Adapters get internal peft names (``lora1``, ``lora2``...) because peft module names cannot contain the
 dots that adapter names may (``support.v2``), and because a new version can then be loaded beside the old
-one and swapped in only when it loaded (``load_inplace`` never leaves the name without an adapter).
+one and swapped in only when it loaded (``load_inplace`` never leaves the name without an adapter). A
+replaced or unloaded version is retired: its weights are deleted once no running request uses them.
 
 Registration is not residency, as in vLLM: any number of names can be registered; at most
-``--max-cpu-loras`` adapters' weights are kept in the model, least recently used evicted first, and a
-registered adapter that was evicted is read from its path again when a request names it. A load is
-checked as vLLM checks it (:mod:`kubelora_server.peft_rules`, the same messages) and loaded once to
-prove the weights fit, so what vLLM refuses this engine refuses with vLLM's 400.
+``--max-cpu-loras`` adapters' weights are kept in the model, least recently used evicted first (never one a
+running request uses), and a registered adapter that was evicted is read from its path again when a request
+names it. A load is checked as vLLM checks it (:mod:`kubelora_server.peft_rules`, the same messages) and
+loaded once to prove the weights fit, so what vLLM refuses this engine refuses in vLLM's words.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ import torch
 
 from kubelora.api.uris import FileURI, HfURI, PvcURI, URIError, parse_uri
 from kubelora_server.engine.config import EngineArgs
-from kubelora_server.engine.protocol import EngineError, FinishReason, model_not_found
-from kubelora_server.engine.sampling import SamplingParams, TextAssembler, choose_token
+from kubelora_server.engine.protocol import EngineError, model_not_found
+from kubelora_server.engine.sampling import SamplingParams, TextAssembler
+from kubelora_server.engine.scheduler import Emit, Scheduler
+from kubelora_server.engine.scheduler import Sequence as Seq
 from kubelora_server.peft_rules import vllm_refusal_message
 
 log = logging.getLogger(__name__)
@@ -72,15 +75,6 @@ class Adapter:
     created: int
 
 
-@dataclass(frozen=True)
-class Delta:
-    """A piece of generated text; ``finish`` is set on the last one."""
-
-    text: str
-    finish: FinishReason = None
-    completion_tokens: int = 0
-
-
 class ModelHost:
     def __init__(self, args: EngineArgs) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,11 +94,13 @@ class ModelHost:
                              f"max_position_embeddings {limit}")
         self.max_model_len: int = args.max_model_len or limit or 2048
         self.eos_ids = self._eos_ids(model)
+        self._token_texts: dict[int, str] = {}
         self.created = int(time.time())
-        self._lock = threading.Lock()
         self._adapters: dict[str, Adapter] = {}
         self._resident: OrderedDict[str, str] = OrderedDict()
         """adapter name -> peft adapter name, least recently used first (vLLM's LRU of --max-cpu-loras)."""
+        self._retired: set[str] = set()
+        """peft names of replaced or unloaded versions, deleted once no running request uses them."""
         self._ids = itertools.count(1)
         self._counts = threading.Lock()
         self.waiting: dict[str, int] = {}
@@ -114,6 +110,7 @@ class ModelHost:
         """vLLM publishes vllm:lora_requests_info only once an adapter request has been scheduled."""
         if args.enable_lora:
             import peft  # noqa: F401 - seconds of imports paid before /health answers, not on the first load
+        self.scheduler = Scheduler(self, args.max_num_seqs)
         log.info("loaded %s (%s) in %.1fs; max_model_len %d", args.model, path, time.monotonic() - started,
                  self.max_model_len)
 
@@ -156,41 +153,66 @@ class ModelHost:
                               "If you want to load the adapter in place, set 'load_inplace' to True.")
         config = self._read_adapter_config(name, path)
         rank = max([int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
-        with self._lock:
-            if name in self._adapters and not inplace:
-                raise EngineError(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded.")
-            peft_name = f"lora{next(self._ids)}"
-            self._peft_load(name, path, peft_name)
-            old = self._resident.pop(name, None)
-            self._adapters[name] = Adapter(name, path, rank, int(time.time()))
-            self._resident[name] = peft_name
-            if old is not None:
-                self._peft_delete(old)
-            self._evict()
+        self.scheduler.call(lambda: self._install(name, path, rank, inplace))
         log.info("loaded LoRA adapter %s (rank %d) from %s", name, rank, path)
+
+    def _install(self, name: str, path: str, rank: int, inplace: bool) -> None:
+        """On the scheduler thread: peft loads the weights, then the name points at them."""
+        if name in self._adapters and not inplace:
+            raise EngineError(400, "InvalidUserInput", f"The lora adapter '{name}' has already been loaded.")
+        peft_name = f"lora{next(self._ids)}"
+        self._peft_load(name, path, peft_name)
+        old = self._resident.pop(name, None)
+        self._adapters[name] = Adapter(name, path, rank, int(time.time()))
+        self._resident[name] = peft_name
+        if old is not None:
+            self._retired.add(old)
+        self._evict(self.scheduler.in_use())
 
     def resident(self) -> list[str]:
         """Adapters whose weights are in the model, least recently used first."""
         return list(self._resident)
 
-    def _evict(self) -> None:
-        """Drop least recently used weights beyond --max-cpu-loras (the most recent one always stays)."""
+    def _evict(self, in_use: set[str]) -> None:
+        """Drop least recently used weights beyond --max-cpu-loras, never the most recent one nor one a running
+        request uses (vLLM's --max-cpu-loras >= --max-loras makes room for the whole batch)."""
         while len(self._resident) > max(1, self.args.max_cpu_loras):
-            name, peft_name = self._resident.popitem(last=False)
-            self._peft_delete(peft_name)
-            log.info("evicted LoRA adapter %s from memory (still registered)", name)
+            victim = next((n for n, p in list(self._resident.items())[:-1] if p not in in_use), None)
+            if victim is None:
+                return
+            self._retired.add(self._resident.pop(victim))
+            log.info("evicted LoRA adapter %s from memory (still registered)", victim)
+        self.collect_retired(in_use)
 
-    def _activate(self, adapter: Adapter) -> str:
-        """The peft name serving ``adapter``, reading it from disk again if it was evicted. Holds the lock."""
-        peft_name = self._resident.get(adapter.name)
+    def activate(self, name: str, in_use: set[str]) -> str:
+        """On the scheduler thread: the peft name serving adapter ``name``, read from disk again if it was
+        evicted; 404 when it was unloaded after the request was accepted."""
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise model_not_found(name)
+        peft_name = self._resident.get(name)
         if peft_name is not None:
-            self._resident.move_to_end(adapter.name)
+            self._resident.move_to_end(name)
             return peft_name
         peft_name = f"lora{next(self._ids)}"
-        self._peft_load(adapter.name, adapter.path, peft_name)
-        self._resident[adapter.name] = peft_name
-        self._evict()
+        self._peft_load(name, adapter.path, peft_name)
+        self._resident[name] = peft_name
+        self._evict(in_use | {peft_name})
         return peft_name
+
+    def collect_retired(self, in_use: set[str]) -> None:
+        """On the scheduler thread: delete retired weights no running request uses any more."""
+        for peft_name in sorted(self._retired - in_use):
+            self._retired.discard(peft_name)
+            self._peft_delete(peft_name)
+
+    @property
+    def peft_model(self) -> Any:
+        return self._peft
+
+    @property
+    def base_model(self) -> Any:
+        return self._base
 
     def _read_adapter_config(self, name: str, path: str) -> dict[str, Any]:
         """vLLM's reading: no adapter_config.json is "No adapter found" (404); anything wrong with a folder
@@ -246,13 +268,16 @@ class ModelHost:
     def unload_adapter(self, name: str) -> None:
         if not name:
             raise EngineError(400, "InvalidUserInput", "'lora_name' needs to be provided to unload a LoRA adapter.")
-        with self._lock:
-            if self._adapters.pop(name, None) is None:
-                raise EngineError(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
-            peft_name = self._resident.pop(name, None)
-            if peft_name is not None:
-                self._peft_delete(peft_name)
+        self.scheduler.call(lambda: self._remove(name))
         log.info("unloaded LoRA adapter %s", name)
+
+    def _remove(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise EngineError(404, "NotFoundError", f"The lora adapter '{name}' cannot be found.")
+        peft_name = self._resident.pop(name, None)
+        if peft_name is not None:
+            self._retired.add(peft_name)
+        self.collect_retired(self.scheduler.in_use())
 
     # ---- prompts ---------------------------------------------------------------------------------------
 
@@ -275,6 +300,17 @@ class ModelHost:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text as vLLM's logprobs show it (special tokens included)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = str(self.tokenizer.decode([token_id]))
+        return text
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self._base.config, "vocab_size", None) or len(self.tokenizer))
+
     def max_tokens_for(self, prompt_len: int, requested: int | None) -> int:
         """vLLM's length rule: prompt + completion must fit in max_model_len."""
         if requested is None:
@@ -289,72 +325,22 @@ class ModelHost:
 
     # ---- generation ------------------------------------------------------------------------------------
 
-    def generate(self, model: str | None, prompt: list[int], params: SamplingParams,
-                 cancel: threading.Event | None = None) -> Iterator[Delta]:
-        """Text deltas for one completion; the last has ``finish`` set. Holds the lock until exhausted."""
+    def submit(self, model: str | None, prompt: list[int], params: SamplingParams, emit: Emit,
+               cancel: threading.Event) -> None:
+        """Queue one completion; ``emit`` gets its deltas (on the scheduler thread), then ``None``.
+        ``model`` must have passed :meth:`resolve`."""
+        adapter = self.resolve(model)
         key = model or self.args.served_model_name
-        self._count(self.waiting, key, 1)
-        queued = True
-        try:
-            with self._lock:
-                self._count(self.waiting, key, -1)
-                queued = False
-                self._count(self.running, key, 1)
-                try:
-                    yield from self._generate_locked(model, prompt, params, cancel)
-                finally:
-                    self._count(self.running, key, -1)
-        finally:
-            if queued:
-                self._count(self.waiting, key, -1)
+        seed = params.seed if params.seed is not None else self.args.seed
+        seq = Seq(key, adapter.name if adapter else None, prompt, params, emit, cancel,
+                  TextAssembler(self.decode, params.stop), torch.Generator().manual_seed(seed))
+        self.count(self.waiting, key, 1)
+        self.scheduler.submit(seq)
 
-    def _count(self, table: dict[str, int], key: str, by: int) -> None:
+    def count(self, table: dict[str, int], key: str, by: int) -> None:
         with self._counts:
             table[key] = table.get(key, 0) + by
             if table[key] <= 0:
                 del table[key]
             if by > 0 and key != self.args.served_model_name:
                 self.adapter_requests_seen = True
-
-    def _generate_locked(self, model: str | None, prompt: list[int], params: SamplingParams,
-                         cancel: threading.Event | None) -> Iterator[Delta]:
-        adapter = self.resolve(model)
-        if adapter is not None:
-            peft_name = self._activate(adapter)  # may read evicted weights back (and create the PeftModel)
-            self._peft.set_adapter(peft_name)
-            yield from self._decode_loop(self._peft, prompt, params, cancel)
-        elif self._peft is not None:
-            with self._peft.disable_adapter():
-                yield from self._decode_loop(self._peft, prompt, params, cancel)
-        else:
-            yield from self._decode_loop(self._base, prompt, params, cancel)
-
-    def _decode_loop(self, net: Any, prompt: list[int], params: SamplingParams,
-                     cancel: threading.Event | None) -> Iterator[Delta]:
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else self.args.seed)
-        text = TextAssembler(self.decode, params.stop)
-        finish: FinishReason = "length"
-        produced = 0
-        past = None
-        step_input = torch.tensor([prompt], dtype=torch.long)
-        with torch.inference_mode():
-            while produced < params.max_tokens:
-                if cancel is not None and cancel.is_set():
-                    return
-                out = net(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                token = choose_token(out.logits[0, -1], params, generator)
-                produced += 1
-                if token in self.eos_ids and not params.ignore_eos:
-                    finish = "stop"
-                    break
-                delta = text.add(token)
-                if text.stopped:
-                    finish = "stop"
-                    if delta:
-                        yield Delta(delta)
-                    break
-                if delta:
-                    yield Delta(delta)
-                step_input = torch.tensor([[token]], dtype=torch.long)
-        yield Delta(text.finish(), finish, produced)
