@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +29,7 @@ from kubelora.resources.serving_engine import LORA_GUARD
 from kubelora_server.lora_guard import PodLocalLoRAUpdates, install
 
 POD = "10.244.3.7"
+REPO = Path(__file__).resolve().parents[2]
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
 
@@ -142,3 +148,22 @@ def test_install_adds_the_guard_to_a_fastapi_app_as_vllm_does() -> None:
     assert asyncio.run(post((POD, 41000), LOAD)).json() == {"ok": "loaded"}
     with pytest.raises(ValueError, match="class or a coroutine function"):
         install(app, "kubelora_server.lora_guard.LORA_UPDATE_ROUTES")
+
+
+def test_vllms_python_can_import_the_guard_from_the_files_the_image_copies(tmp_path: Path) -> None:
+    """vLLM runs on its own python, outside KubeLoRA's venv: the image copies a few stdlib-only files next to
+    vLLM, and ``--middleware`` must import from those alone (no pydantic, no site-packages)."""
+    dockerfile = (REPO / "server_image" / "Dockerfile").read_text()
+    copy = re.search(r"cp ((?:server_image/kubelora_server/\S+\.py\s+(?:\\\s+)?)+)\"\$\{site\}/kubelora_server/\"",
+                     dockerfile)
+    assert copy is not None, "the server Dockerfile no longer copies the guard next to vLLM"
+    files = re.findall(r"server_image/kubelora_server/(\S+\.py)", copy.group(1))
+    (tmp_path / "kubelora_server").mkdir()
+    for name in files:
+        shutil.copy(REPO / "server_image" / "kubelora_server" / name, tmp_path / "kubelora_server" / name)
+    module = LORA_GUARD.rpartition(".")[0]
+    done = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r}); "
+                           f"import {module}; print({LORA_GUARD})"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "PodLocalLoRAUpdates" in done.stdout
+    assert "import kubelora_server.lora_guard" in dockerfile, "the image build checks the import"
