@@ -36,7 +36,7 @@ from kubelora.api.uris import FileURI, HfURI, PvcURI, URIError, parse_uri
 from kubelora_server.engine.config import EngineArgs
 from kubelora_server.engine.protocol import EngineError, model_not_found
 from kubelora_server.engine.sampling import SamplingParams, TextAssembler
-from kubelora_server.engine.scheduler import Emit, Scheduler
+from kubelora_server.engine.scheduler import AdapterRouting, Emit, Scheduler
 from kubelora_server.engine.scheduler import Sequence as Seq
 from kubelora_server.peft_rules import vllm_refusal_message
 
@@ -110,6 +110,7 @@ class ModelHost:
         """vLLM publishes vllm:lora_requests_info only once an adapter request has been scheduled."""
         if args.enable_lora:
             import peft  # noqa: F401 - seconds of imports paid before /health answers, not on the first load
+        self.routing = AdapterRouting()
         self.scheduler = Scheduler(self, args.max_num_seqs)
         log.info("loaded %s (%s) in %.1fs; max_model_len %d", args.model, path, time.monotonic() - started,
                  self.max_model_len)
@@ -253,6 +254,7 @@ class ModelHost:
             if self._peft is not None and peft_name in self._peft.peft_config:
                 self._peft_delete(peft_name)
             raise add_failed(f"Loading lora {name} failed: {exc}") from None
+        self.routing.attach(self._peft)
 
     def _peft_delete(self, peft_name: str) -> None:
         if self._peft is None:
@@ -260,6 +262,7 @@ class ModelHost:
         if set(self._peft.peft_config) <= {peft_name}:
             self._base = self._peft.unload()
             self._peft = None
+            self.routing.detach_all()
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "adapter was active which is now deleted": expected

@@ -7,6 +7,11 @@ ahead of one that does not) and runs one forward pass for the whole batch, each 
 (peft's mixed-batch ``adapter_names``; ``"__base__"`` is the base model). A load therefore waits for one
 decode step, never for a whole generation, and nothing else touches the model, so there is no lock.
 
+peft's own ``adapter_names`` argument registers and removes a pre-forward hook on every LoRA layer and walks
+the module tree twice per call, which cost more than the tiny model's forward pass; :class:`AdapterRouting`
+keeps one persistent hook per layer that hands it the batch's names instead, and a batch whose rows all use
+one adapter takes peft's plain path (``set_adapter`` once, when the adapter changes).
+
 The KV cache is kept while the batch stays the same and a finished row is cut out of it; a new row makes the
 next step recompute the batch from its tokens (left padded, explicit positions): one prefill, which is what
 a CPU can afford without paged attention.
@@ -20,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -72,6 +77,45 @@ class Sequence:
     pending: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     sent_prompt_logprobs: bool = False
+
+
+class AdapterRouting:
+    """Which adapter each batch row goes through, injected as ``adapter_names`` into every LoRA layer's forward
+    (what peft's mixed-batch inference does per call) by hooks that stay registered."""
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self._hooked: set[int] = set()
+
+    def attach(self, peft_model: Any) -> None:
+        """Hook LoRA layers not hooked yet (a new adapter may wrap modules the others did not target)."""
+        from peft.tuners.lora import LoraLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and id(module) not in self._hooked:
+                cast(torch.nn.Module, module).register_forward_pre_hook(self._inject, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def detach_all(self) -> None:
+        """The peft wrapper is gone (``unload``): its layers, hooks included, went with it."""
+        self._hooked.clear()
+
+    def _inject(self, _module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    def forward(self, peft_model: Any, rows: list[str | None], **kwargs: Any) -> Any:
+        """One forward pass with row ``i`` through adapter ``rows[i]`` (``None``: the base model)."""
+        if len(set(rows)) == 1 and rows[0] is not None:
+            if peft_model.active_adapter != rows[0]:
+                peft_model.set_adapter(rows[0], inference_mode=True)
+            return peft_model(**kwargs)
+        self.names = [r or BASE_ADAPTER for r in rows]
+        try:
+            return peft_model(**kwargs)
+        finally:
+            self.names = None
 
 
 class Scheduler:
@@ -174,7 +218,7 @@ class Scheduler:
         peft_model = self.host.peft_model
         if peft_model is None:
             return self.host.base_model(**kwargs)
-        return peft_model(**kwargs, adapter_names=[s.peft_name or BASE_ADAPTER for s in batch])
+        return self.host.routing.forward(peft_model, [s.peft_name for s in batch], **kwargs)
 
     def _step(self) -> None:
         batch = [s for s in self.running if not s.cancel.is_set()]
