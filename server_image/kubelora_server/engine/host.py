@@ -296,9 +296,16 @@ class ModelHost:
         return [int(i) for i in ids]
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            return [int(i) for i in prompt]
-        return [int(i) for i in self.tokenizer(prompt)["input_ids"]]
+        ids = [int(i) for i in prompt] if isinstance(prompt, list) else [
+            int(i) for i in self.tokenizer(prompt)["input_ids"]]
+        # vLLM's input processor refuses these before the model sees them (a forward pass of no tokens or of
+        # an id past the embedding would crash the step); found by the schemathesis fuzz (issue 14).
+        if not ids:
+            raise EngineError(400, "BadRequestError", "The decoder prompt cannot be empty")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise EngineError(400, "BadRequestError", f"Token id {max(bad, key=abs)} is out of vocabulary")
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
