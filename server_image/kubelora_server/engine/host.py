@@ -267,6 +267,7 @@ class ModelHost:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "adapter was active which is now deleted": expected
             self._peft.delete_adapter(peft_name)
+        self.routing.forget()
 
     def unload_adapter(self, name: str) -> None:
         if not name:

@@ -80,30 +80,91 @@ class Sequence:
 
 
 class AdapterRouting:
-    """Which adapter each batch row goes through, injected as ``adapter_names`` into every LoRA layer's forward
-    (what peft's mixed-batch inference does per call) by hooks that stay registered."""
+    """Which adapter each batch row goes through, by hooks that stay registered on every LoRA layer.
+
+    A mixed batch could hand peft ``adapter_names`` (its mixed-batch inference), which runs each adapter's
+    sub-batch separately: per layer, per adapter, an index, two matmuls and a scatter. For plain LoRA linear
+    layers the hooks do what vLLM's punica kernels do instead: the batch's adapters are stacked once (zero-
+    padded to the largest rank, a zero slot for base rows, the scaling folded into B) and the delta is two
+    batched matmuls over rows gathered by adapter, whatever the number of adapters; peft then computes only the
+    base layer (every row ``"__base__"``). Other layer kinds get peft's own ``adapter_names`` path.
+    """
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
+        self._base_names: list[str] = []
+        self._adapters: tuple[str, ...] = ()
+        self._index = torch.zeros(0, dtype=torch.long)
         self._hooked: set[int] = set()
+        self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def attach(self, peft_model: Any) -> None:
         """Hook LoRA layers not hooked yet (a new adapter may wrap modules the others did not target)."""
         from peft.tuners.lora import LoraLayer
 
+        self._stacks.clear()
         for module in peft_model.modules():
             if isinstance(module, LoraLayer) and id(module) not in self._hooked:
-                cast(torch.nn.Module, module).register_forward_pre_hook(self._inject, with_kwargs=True)
+                layer = cast(torch.nn.Module, module)
+                layer.register_forward_pre_hook(self._inject, with_kwargs=True)
+                layer.register_forward_hook(self._add_delta, with_kwargs=True)
                 self._hooked.add(id(module))
+
+    def forget(self) -> None:
+        """An adapter's weights were deleted: drop the stacks that hold them."""
+        self._stacks.clear()
 
     def detach_all(self) -> None:
         """The peft wrapper is gone (``unload``): its layers, hooks included, went with it."""
         self._hooked.clear()
+        self._stacks.clear()
 
-    def _inject(self, _module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    def _stack(self, module: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A [n+1, r, in], B^T * scaling [n+1, r, out])`` for the batch's adapters; ``None``: not plain LoRA."""
+        key = (id(module), self._adapters)
+        if key in self._stacks:
+            return self._stacks[key]
+        from peft.tuners.lora import Linear
+
+        stack = None
+        lora: Any = module  # peft's attribute types are loose (Tensor | Module); read them as Any
+        if isinstance(module, Linear) and not any(n in lora.lora_variant for n in self._adapters):
+            present = [n for n in self._adapters if n in lora.lora_A]
+            weight = lora.get_base_layer().weight
+            rank = max([lora.lora_A[n].weight.shape[0] for n in present], default=1)
+            a = torch.zeros(len(self._adapters) + 1, rank, lora.in_features, dtype=weight.dtype)
+            b = torch.zeros(len(self._adapters) + 1, rank, lora.out_features, dtype=weight.dtype)
+            for slot, name in enumerate(self._adapters, 1):
+                if name in lora.lora_A:
+                    r = lora.lora_A[name].weight.shape[0]
+                    a[slot, :r] = lora.lora_A[name].weight
+                    b[slot, :r] = lora.lora_B[name].weight.T * lora.scaling[name]
+            stack = (a, b)
+        if len(self._stacks) > 4096:  # many adapter combinations over time: start again
+            self._stacks.clear()
+        self._stacks[key] = stack
+        return stack
+
+    def _gathered(self, module: Any, x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() == 3 and self._stack(module) is not None
+
+    def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         if self.names is not None:
-            kwargs["adapter_names"] = self.names
+            x = args[0] if args else kwargs.get("x")
+            kwargs["adapter_names"] = self._base_names if self._gathered(module, x) else self.names
         return args, kwargs
+
+    def _add_delta(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        if self.names is None:
+            return None
+        x: Any = args[0] if args else kwargs.get("x")
+        if not self._gathered(module, x):
+            return None
+        stack = self._stack(module)
+        assert stack is not None
+        a, b = stack
+        hidden = torch.bmm(x.to(a.dtype), a[self._index].transpose(1, 2))
+        return output + torch.bmm(hidden, b[self._index]).to(output.dtype)
 
     def forward(self, peft_model: Any, rows: list[str | None], **kwargs: Any) -> Any:
         """One forward pass with row ``i`` through adapter ``rows[i]`` (``None``: the base model)."""
@@ -111,6 +172,9 @@ class AdapterRouting:
             if peft_model.active_adapter != rows[0]:
                 peft_model.set_adapter(rows[0], inference_mode=True)
             return peft_model(**kwargs)
+        self._adapters = tuple(sorted({r for r in rows if r is not None}))
+        self._index = torch.tensor([0 if r is None else self._adapters.index(r) + 1 for r in rows])
+        self._base_names = [BASE_ADAPTER] * len(rows)
         self.names = [r or BASE_ADAPTER for r in rows]
         try:
             return peft_model(**kwargs)
