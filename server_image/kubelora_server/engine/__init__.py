@@ -6,6 +6,8 @@ endpoints, response shapes, errors and LoRA limits; the agent and the operator c
 - :mod:`.config` - the vLLM-like command line.
 - :mod:`.protocol` - request models and response/error builders (OpenAI and vLLM shapes).
 - :mod:`.sampling` - next-token choice, stop handling and incremental detokenisation (pure).
-- :mod:`.host` - one model instance, its adapters and generation, serialised by a lock.
+- :mod:`.host` - one model instance, its adapters (registration, LRU residency) and request submission.
+- :mod:`.scheduler` - the thread that batches every running request into one forward pass, mixed adapters
+  included, and applies adapter loads/unloads between two steps.
 - :mod:`.app` - the FastAPI routes.
 """
