@@ -6,7 +6,9 @@ import hashlib
 import json
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,6 +133,18 @@ def test_verify_without_manifest(tmp_path: Path) -> None:
         verify_adapter_dir(root)
 
 
+def _valid_file(path: Path) -> None:
+    """What torch.save (a zip with CRC-32s) or safetensors (a JSON header, then the data) would write."""
+    if path.suffix == ".safetensors":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0\0\0\0")
+    elif path.suffix in (".pt", ".pth"):
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", b"state" * 100)
+    else:
+        path.write_bytes(b"x")
+
+
 def _checkpoint(
     root: Path,
     step: int,
@@ -140,7 +154,7 @@ def _checkpoint(
     d = root / f"checkpoint-{step}"
     d.mkdir(parents=True)
     for f in files:
-        (d / f).write_bytes(b"x")
+        _valid_file(d / f)
     if state_step is not None:
         (d / "trainer_state.json").write_text(json.dumps({"global_step": state_step}))
     return d
@@ -183,3 +197,35 @@ def test_resume_with_only_broken_checkpoints_starts_over_loudly(
         assert find_resume_checkpoint(root) is None
     assert "training starts over from step 0" in caplog.text
     assert find_resume_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    pytest.param(lambda d: _flip_last_data_byte(d / "optimizer.pt"), "optimizer.pt is corrupt (CRC mismatch",
+                 id="bit-flip-in-optimizer"),
+    pytest.param(lambda d: _truncate(d / "scheduler.pt"), "scheduler.pt is corrupt", id="truncated-scheduler"),
+    pytest.param(lambda d: _truncate(d / "adapter_model.safetensors", 2),
+                 "adapter_model.safetensors is corrupt (", id="truncated-weights"),
+])
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path, damage: Any, problem: str) -> None:
+    """Complete by the save protocol (trainer_state.json written last), but a file was damaged afterwards:
+    resuming from it would crash every restart, so the restart resumes from the one before."""
+    root = tmp_path / "checkpoints"
+    _checkpoint(root, 10, 10)
+    newest = _checkpoint(root, 20, 20)
+    assert checkpoint_problem(newest, 20) is None
+    damage(newest)
+    assert (checkpoint_problem(newest, 20) or "").startswith(problem)
+    ckpt = find_resume_checkpoint(root)
+    assert ckpt is not None and ckpt.step == 10
+    assert not newest.exists()
+
+
+def _flip_last_data_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[data.index(b"state") + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, keep: int | None = None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - (keep or len(data) // 2)])

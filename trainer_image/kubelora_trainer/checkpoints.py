@@ -16,6 +16,7 @@ import logging
 import posixpath
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,33 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
         return "no optimizer state"
     if not (path / "scheduler.pt").is_file():
         return "no scheduler.pt"
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (problem := _file_problem(file)) is not None:
+            return f"{file.name} is corrupt ({problem})"
+    return None
+
+
+def _file_problem(file: Path) -> str | None:
+    """A file present but damaged (a disk error, a copy cut short, a bit flip): resuming from it would crash
+    every restart, or worse, continue from garbage. torch.save writes a zip whose entries carry CRC-32s;
+    safetensors starts with a JSON header whose offsets say how long the file must be."""
+    if file.suffix in (".pt", ".pth") or (file.suffix == ".bin" and zipfile.is_zipfile(file)):
+        try:
+            with zipfile.ZipFile(file) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            return str(exc)
+        return f"CRC mismatch in {bad}" if bad else None
+    if file.suffix == ".safetensors":
+        try:
+            with file.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            return f"unreadable header: {exc}"
+        if file.stat().st_size != 8 + size + end:
+            return f"{file.stat().st_size} bytes, its header promises {8 + size + end}"
     return None
 
 
