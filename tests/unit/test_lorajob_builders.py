@@ -122,7 +122,8 @@ def test_training_job() -> None:
     assert job["spec"]["backoffLimit"] == 4 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert c["image"] == "ghcr.io/kubelora/trainer:test"
     assert c["command"] == ["kubelora-train", "--config", "/etc/kubelora/job.json"]
-    assert c["resources"] == {"requests": {"memory": "64Gi", "nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": "2"}}
+    assert c["resources"] == {"requests": {"memory": "64Gi", "nvidia.com/gpu": "2"},
+                              "limits": {"memory": "64Gi", "nvidia.com/gpu": "2"}}, "the memory request is the limit"
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert c["securityContext"]["runAsNonRoot"] and not c["securityContext"]["allowPrivilegeEscalation"]
     assert pod["restartPolicy"] == "Never"
@@ -130,7 +131,10 @@ def test_training_job() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "training"
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    assert {v["name"] for v in pod["volumes"]} == {"trainer-config", "pvc-data", "dshm"}
+    assert {v["name"] for v in pod["volumes"]} == {"trainer-config", "pvc-data", "dshm", "scratch"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "scratch", "mountPath": "/home/kubelora"} in c["volumeMounts"], "HOME and TMPDIR are writable"
+    assert env_names(job)["TMPDIR"]["value"] == env_names(job)["HOME"]["value"] == "/home/kubelora"
     template_meta = job["spec"]["template"]["metadata"]
     assert template_meta["labels"]["kubelora.io/lorajob"] == "bot"
     assert template_meta["labels"]["app.kubernetes.io/component"] == "trainer"
@@ -142,7 +146,8 @@ def test_credentials_come_from_secret_refs_never_values() -> None:
     env = env_names(training_job(REF, spec(), 1, 1, SETTINGS))
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
     assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
-    assert all("value" not in e for name, e in env.items() if name != "KUBELORA_PROGRESS_INTERVAL")
+    plain = {"KUBELORA_PROGRESS_INTERVAL", "HOME", "TMPDIR"}  # settings, no credentials
+    assert all("value" not in e for name, e in env.items() if name not in plain)
 
 
 def test_inputs_read_only_output_read_write() -> None:
@@ -196,7 +201,7 @@ def test_file_uris_need_no_volumes() -> None:
         resources={"gpus": 0},
     )
     pod = training_job(REF, local, 1, 1, SETTINGS)["spec"]["template"]["spec"]
-    assert [v["name"] for v in pod["volumes"]] == ["trainer-config"]
+    assert [v["name"] for v in pod["volumes"]] == ["trainer-config", "scratch"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,6 @@ from kubelora_trainer.mapping import Device, Precision
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "KUBELORA_MODEL_CACHE"
-DEFAULT_CACHE = "/tmp/kubelora/models"
 TOKENIZER_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -50,7 +50,8 @@ class ModelRef:
 
 
 def _cache_dir(uri: str) -> Path:
-    root = Path(os.environ.get(CACHE_ENV, DEFAULT_CACHE))
+    # The temp dir, not /tmp: pods run with a read-only root filesystem and TMPDIR on a scratch volume.
+    root = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir(), "kubelora", "models"))
     return root / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 

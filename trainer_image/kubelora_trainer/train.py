@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,7 +34,6 @@ from kubelora_trainer.validate import LossPlan, plan_loss, validate_splits
 log = logging.getLogger(__name__)
 
 WORK_DIR_ENV = "KUBELORA_WORK_DIR"
-DEFAULT_WORK_DIR = "/tmp/kubelora/work"
 
 
 @dataclass
@@ -180,7 +180,9 @@ def _checkpoint_dirs(run: TrainerRunConfig) -> tuple[Path, RemoteCheckpoints | N
     loc = locate(rev_uri)
     if loc.is_local:
         return Path(loc.path) / "checkpoints", None, f"{rev_uri}/checkpoints"
-    work = Path(os.environ.get(WORK_DIR_ENV, DEFAULT_WORK_DIR)) / f"{run.namespace}-{run.name}-rev-{run.revision}"
+    # The temp dir, not /tmp: pods run with a read-only root filesystem and TMPDIR on a scratch volume.
+    work_root = Path(os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir(), "kubelora", "work"))
+    work = work_root / f"{run.namespace}-{run.name}-rev-{run.revision}"
     local = work / "checkpoints"
     local.mkdir(parents=True, exist_ok=True)
     return local, RemoteCheckpoints(loc, "checkpoints", local), f"{rev_uri}/checkpoints"

@@ -68,6 +68,9 @@ from kubelora.resources.pods import (
     pod_security_context,
     pvc_claims,
     pvc_volumes,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
 )
 from kubelora.settings import Settings
 
@@ -107,10 +110,11 @@ def _input_uris(spec: LoRAJobSpec) -> list[str | None]:
 
 def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int) -> tuple[
         list[Manifest], list[Manifest]]:
-    """Config at /etc/kubelora, input claims read-only, the output claim read-write, /dev/shm for GPUs."""
+    """Config at /etc/kubelora, scratch at HOME, input claims read-only, the output claim read-write, /dev/shm for
+    GPUs."""
     config = trainer_config_name(job.name, revision)
-    volumes: list[Manifest] = [{"name": CONFIG_VOLUME, "configMap": {"name": config}}]
-    mounts: list[Manifest] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}]
+    volumes: list[Manifest] = [{"name": CONFIG_VOLUME, "configMap": {"name": config}}, scratch_volume()]
+    mounts: list[Manifest] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}, scratch_mount()]
     out_claims = pvc_claims([spec.output.uri])
     in_claims = [c for c in pvc_claims(_input_uris(spec)) if c not in out_claims]
     for claims, read_only in ((in_claims, True), (out_claims, False)):
@@ -157,6 +161,7 @@ def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Se
         "env": merge_env(
             [{"name": PROGRESS_ENV, "value": f"{settings.progress_interval_seconds:g}"}],
             pod_ip_env(),
+            scratch_env(),
             rdzv_env,
             _credentials(spec),
         ),

@@ -31,10 +31,37 @@ def object_meta(name: str, owner: ObjectRef, labels: Mapping[str, str]) -> Manif
     }
 
 
+RUN_AS = 65532
+"""UID and GID of every container the operator runs (the images create this user): above 10000, so it maps to
+no host account."""
+SCRATCH_VOLUME = "scratch"
+SCRATCH_DIR = "/home/kubelora"
+"""HOME in both images. Root filesystems are read-only, so everything a process writes (caches of huggingface,
+torch, triton and vLLM, temporary files, the trainer's downloads and staging) goes to this emptyDir."""
+
+
+def scratch_volume() -> Manifest:
+    return {"name": SCRATCH_VOLUME, "emptyDir": {}}
+
+
+def scratch_mount(sub_path: str | None = None) -> Manifest:
+    """``sub_path`` keeps two containers of one pod out of each other's caches."""
+    mount: Manifest = {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR}
+    if sub_path:
+        mount["subPath"] = sub_path
+    return mount
+
+
+def scratch_env() -> list[Manifest]:
+    """HOME and TMPDIR on the scratch volume: /tmp is on the read-only root filesystem."""
+    return [{"name": "HOME", "value": SCRATCH_DIR}, {"name": "TMPDIR", "value": SCRATCH_DIR}]
+
+
 def container_security_context() -> Manifest:
-    """Restricted Pod Security Standard: non-root, no privilege escalation, no capabilities."""
+    """Restricted Pod Security Standard: non-root, no privilege escalation, no capabilities; read-only root."""
     return {
         "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -42,7 +69,7 @@ def container_security_context() -> Manifest:
 
 
 def pod_security_context() -> Manifest:
-    return {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
@@ -101,6 +128,10 @@ def merge_env(*groups: Iterable[Manifest]) -> list[Manifest]:
 def container_resources(resources: Resources, base: Mapping[str, str] | None = None) -> Manifest:
     requests = {**(base or {}), **resources.requests}
     limits = dict(resources.limits)
+    if "memory" in requests:
+        # Memory is not compressible: a container above its request is what the kubelet evicts first, so the
+        # request is also the limit unless the spec sets one.
+        limits.setdefault("memory", requests["memory"])
     if resources.gpus:
         limits["nvidia.com/gpu"] = str(resources.gpus)
         requests["nvidia.com/gpu"] = str(resources.gpus)

@@ -38,6 +38,9 @@ from kubelora.resources.pods import (
     pod_security_context,
     pvc_claims,
     pvc_volumes,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
 )
 from kubelora.resources.serving_common import (
     AGENT_CONTAINER,
@@ -58,6 +61,8 @@ HF_CACHE_VOLUME = "hf-cache"
 HF_CACHE_DIR = "/var/cache/kubelora/hf"
 SHM_VOLUME = "dshm"
 AGENT_REQUESTS = {"cpu": "50m", "memory": "128Mi"}
+AGENT_LIMITS = {"memory": "512Mi"}
+"""The agent holds a desired list and one fetch at a time (streamed to disk): this is far above what it uses."""
 
 
 def _http_probe(path: str, port: str, period: int, failures: int, timeout: int = 5) -> Manifest:
@@ -80,6 +85,7 @@ def engine_env(spec: AdapterDeploymentSpec) -> list[Manifest]:
     base = spec.base_model
     return merge_env(
         pod_ip_env(),
+        scratch_env(),
         [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
          {"name": "HF_HOME", "value": HF_CACHE_DIR}],
         credential_env(base.uri, base.credentials_secret_ref),
@@ -90,7 +96,7 @@ def agent_env(spec: AdapterDeploymentSpec) -> list[Manifest]:
     """The agent fetches adapters; it gets every credential key of the base model's Secret (all optional),
     because a per-adapter Secret would make the adapter list a template input."""
     secret = spec.base_model.credentials_secret_ref
-    return merge_env(pod_ip_env(), credential_env("file:///", secret))
+    return merge_env(pod_ip_env(), scratch_env(), credential_env("file:///", secret))
 
 
 def _cache_mounts(read_only: bool) -> list[Manifest]:
@@ -100,7 +106,7 @@ def _cache_mounts(read_only: bool) -> list[Manifest]:
 def engine_container(spec: AdapterDeploymentSpec, image: str, pull_policy: str,
                      claim_mounts: list[Manifest]) -> Manifest:
     mounts = [*_cache_mounts(read_only=True), {"name": HF_CACHE_VOLUME, "mountPath": HF_CACHE_DIR},
-              *claim_mounts]
+              scratch_mount(ENGINE_CONTAINER), *claim_mounts]
     if spec.engine == "vllm":
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     resources = spec.resources if spec.engine == "vllm" else spec.resources.model_copy(update={"gpus": 0})
@@ -130,9 +136,9 @@ def agent_container(ad_name: str, spec: AdapterDeploymentSpec, image: str, pull_
                     "--port", str(AGENT_PORT), "--cache-dir", ADAPTER_CACHE_DIR],
         "env": agent_env(spec),
         "ports": [{"name": "agent", "containerPort": AGENT_PORT, "protocol": "TCP"}],
-        "resources": container_resources(Resources(gpus=0), base=AGENT_REQUESTS),
+        "resources": container_resources(Resources(gpus=0, limits=AGENT_LIMITS), base=AGENT_REQUESTS),
         "securityContext": container_security_context(),
-        "volumeMounts": [*_cache_mounts(read_only=False), *claim_mounts],
+        "volumeMounts": [*_cache_mounts(read_only=False), scratch_mount(AGENT_CONTAINER), *claim_mounts],
         "readinessProbe": _http_probe("/readyz", "agent", 2, 1, timeout=2),
         "livenessProbe": _http_probe("/healthz", "agent", 10, 6),
     }
@@ -151,7 +157,8 @@ def template_hash(template: Mapping[str, Any]) -> str:
 def pod_template(ad_name: str, spec: AdapterDeploymentSpec, image: str, pull_policy: str,
                  claims: list[str]) -> Manifest:
     volumes, mounts = pvc_volumes(claims, read_only=True)
-    volumes = [{"name": CACHE_VOLUME, "emptyDir": {}}, {"name": HF_CACHE_VOLUME, "emptyDir": {}}, *volumes]
+    volumes = [{"name": CACHE_VOLUME, "emptyDir": {}}, {"name": HF_CACHE_VOLUME, "emptyDir": {}}, scratch_volume(),
+               *volumes]
     if spec.engine == "vllm":
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}})
     pod_spec: Manifest = {
