@@ -10,6 +10,7 @@ output goes to a log file: ``operator.log_path``, ``operator.tail()``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from typing import Any
 import pytest
 
 START_TIMEOUT = 60.0
+STARTED: list[OperatorProcess] = []
+"""The session operator once its fixture ran (the fixture is lazy: only tests that need it start it)."""
 
 
 def _free_port() -> int:
@@ -119,6 +122,19 @@ class OperatorProcess:
         self.stop()
         self.start()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the process (SIGSTOP) so that no reconcile writes in between; SIGCONT after."""
+        pid = self.pid
+        if pid is None:
+            yield
+            return
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def rss_bytes(self) -> int:
         """Resident memory of the operator process (0 when not running)."""
         pid = self.pid
@@ -148,5 +164,17 @@ def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         proc.start()
     except RuntimeError as exc:
         pytest.fail(str(exc), pytrace=False)
+    STARTED.append(proc)
     yield proc
+    STARTED.remove(proc)
     proc.stop()
+
+
+@pytest.fixture
+def no_reconciles() -> Iterator[None]:
+    """For tests that write status by hand: the session operator, if a test before started it, is paused
+    for the test, so what the API server decides is not raced by a reconcile rewriting that status."""
+    with contextlib.ExitStack() as stack:
+        for proc in STARTED:
+            stack.enter_context(proc.paused())
+        yield

@@ -1,6 +1,7 @@
 """The CRDs' CEL rules on the real API server: every cross-field rule of the pydantic models is refused at
 ``kubectl apply`` time with the models' own message, and the LoRAJob transition rule freezes the training
-fields while a run is in progress. No operator runs here: the API server alone decides."""
+fields while a run is in progress. The API server alone decides: the session operator, when an earlier test
+started it, is paused while a test writes status by hand (``no_reconciles``)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def test_good_specs_are_stored(cluster: LocalCluster, namespace: str) -> None:
     cluster.kube.create(f"{API}/{namespace}/lorajobs", manifest("LoRAJob", "good-fsdp", fsdp))
 
 
+@pytest.mark.usefixtures("no_reconciles")
 def test_training_fields_are_frozen_while_a_run_is_in_progress(cluster: LocalCluster, namespace: str) -> None:
     path = f"{API}/{namespace}/lorajobs/run"
     cluster.kube.create(f"{API}/{namespace}/lorajobs", manifest("LoRAJob", "run", LORAJOB))
