@@ -46,7 +46,7 @@ def make_run(base: Path, out: Path, batch: int) -> Any:
         "name": "bench", "namespace": "bench", "revision": 1,
         "spec": {"baseModel": {"uri": f"file://{base}"}, "dataset": {"uri": "file:///unused.jsonl", "evalSplit": 0},
                  "output": {"uri": f"file://{out}"}, "method": "lora",
-                 "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": "all-linear"},
+                 "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]},
                  "training": {"epochs": 1, "batchSize": batch, "gradientAccumulationSteps": 1,
                               "learningRate": 2e-4, "saveSteps": 100000, "maxSeqLength": 1024}}})
 

@@ -193,7 +193,7 @@ def publish_lorajob(env: Env, name: str) -> Obj:
             "baseModel": {"uri": BASE_URI},
             "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
             "method": "lora",
-            "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
+            "lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]},
             "training": {
                 "maxSteps": 4,
                 "batchSize": 4,

@@ -49,6 +49,7 @@ BAD_LORAJOBS = {
     "quantization-with-lora": with_(LORAJOB, method="lora", quantization={"quantType": "nf4"}),
     "fsdp-one-process": with_(LORAJOB, distributed={"strategy": "fsdp"}, resources={"gpus": 1, "nodes": 1}),
     "fsdp-default-resources": with_(LORAJOB, distributed={"strategy": "fsdp"}),
+    "all-linear-with-names": with_(LORAJOB, lora={"targetModules": ["all-linear", "q_proj"]}),
 }
 BAD_DEPLOYMENTS = {
     "cpu-loras-below-gpu-loras": with_(DEPLOYMENT, vllm={"maxLoras": 8, "maxCpuLoras": 4}),

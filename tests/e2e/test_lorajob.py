@@ -39,7 +39,7 @@ def spec(name: str, max_steps: int = 20, **overrides: Any) -> Obj:
         "baseModel": {"uri": "pvc://models/tiny"},
         "dataset": {"uri": "pvc://data/chat.jsonl", "evalSplit": 0.1},
         "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
+        "lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]},
         "training": {
             "maxSteps": max_steps,
             "saveSteps": 5,

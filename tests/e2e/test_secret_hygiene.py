@@ -70,7 +70,7 @@ def lorajob(name: str) -> Obj:
         "baseModel": {"uri": "pvc://models/tiny"},
         "dataset": {"uri": f"s3://{BUCKET}/data/chat.jsonl", "evalSplit": 0.1, **creds},
         "method": "lora",
-        "lora": {"r": 8, "alpha": 16, "targetModules": "all-linear"},
+        "lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]},
         "training": {"maxSteps": 4, "saveSteps": 2, "evalSteps": 2, "batchSize": 4, "gradientAccumulationSteps": 1,
                      "learningRate": 5e-3, "maxSeqLength": 128, "optimizer": "adamw_torch",
                      "gradientCheckpointing": False},

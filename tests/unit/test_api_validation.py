@@ -34,7 +34,7 @@ def with_value(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 def test_minimal_job_gets_recipe_defaults() -> None:
     spec = LoRAJobSpec.model_validate(JOB)
-    assert (spec.method, spec.lora.r, spec.lora.alpha, spec.lora.target_modules) == ("qlora", 16, 32, "all-linear")
+    assert (spec.method, spec.lora.r, spec.lora.alpha, spec.lora.target_modules) == ("qlora", 16, 32, ["all-linear"])
     assert spec.training.learning_rate == 2e-4 and spec.training.optimizer == "paged_adamw_32bit"
     assert spec.effective_quantization is not None and spec.effective_quantization.quant_type == "nf4"
     assert spec.dataset.effective_eval_split == 0.1
@@ -48,7 +48,10 @@ def test_minimal_job_gets_recipe_defaults() -> None:
         pytest.param("lora.r", 1024, "less than or equal to 512", id="rank-too-big"),
         pytest.param("lora.alpha", 0, "greater than 0", id="alpha-zero"),
         pytest.param("lora.dropout", 1.0, "less than 1", id="dropout-one"),
-        pytest.param("lora.targetModules", "q_proj v_proj", "should match pattern", id="modules-with-space"),
+        pytest.param("lora.targetModules", ["q_proj v_proj"], "should match pattern", id="modules-with-space"),
+        pytest.param("lora.targetModules", "q_proj,v_proj", "valid list", id="modules-as-comma-string"),
+        pytest.param("lora.targetModules", [], "at least 1 item", id="no-modules"),
+        pytest.param("lora.targetModules", ["all-linear", "q_proj"], "list it alone", id="all-linear-mixed"),
         pytest.param("training.learningRate", 0, "greater than 0", id="lr-zero"),
         pytest.param("training.learningRate", 2, "less than or equal to 1", id="lr-too-big"),
         pytest.param("training.epochs", 0, "greater than or equal to 1", id="epochs-zero"),
@@ -137,9 +140,18 @@ def test_eval_split_and_eval_uri_are_exclusive() -> None:
     assert LoRAJobSpec.model_validate(only_uri).dataset.effective_eval_split == 0.0
 
 
-def test_target_modules_list() -> None:
-    spec = LoRAJobSpec.model_validate(with_value(JOB, "lora.targetModules", "q_proj,v_proj"))
-    assert spec.lora.target_modules_value == ["q_proj", "v_proj"]
+@pytest.mark.parametrize(
+    ("modules", "peft_value"),
+    [
+        pytest.param(["q_proj", "v_proj"], ["q_proj", "v_proj"], id="names"),
+        pytest.param(["all-linear"], "all-linear", id="all-linear"),
+        pytest.param(None, "all-linear", id="default"),
+    ],
+)
+def test_target_modules_list(modules: list[str] | None, peft_value: str | list[str]) -> None:
+    doc = JOB if modules is None else with_value(JOB, "lora.targetModules", modules)
+    spec = LoRAJobSpec.from_wire(doc)
+    assert spec.lora.target_modules_value == peft_value
 
 
 def test_training_fields_exclude_operational_ones() -> None:

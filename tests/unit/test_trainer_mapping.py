@@ -27,7 +27,7 @@ def spec(**over: Any) -> LoRAJobSpec:
 
 def test_lora_kwargs() -> None:
     kw = mapping.lora_kwargs(
-        LoraSpec(r=8, alpha=16, dropout=0.1, target_modules="q_proj,v_proj", use_rslora=True, use_dora=True)
+        LoraSpec(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True, use_dora=True)
     )
     assert kw == {
         "r": 8,

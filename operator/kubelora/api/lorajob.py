@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -33,6 +33,13 @@ FSDP_NEEDS_PROCESSES = Rule(
     "distributed.strategy fsdp shards the model over several processes: set resources.nodes > 1 or "
     "resources.gpus > 1, or use strategy auto or ddp", field_path=".distributed.strategy")
 MAX_NODES = 64
+ALL_LINEAR = "all-linear"
+MAX_TARGET_MODULES = 64
+ModuleName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$", min_length=1, max_length=128)]
+ALL_LINEAR_ALONE = Rule(f"!has(self.targetModules) || !({quote(ALL_LINEAR)} in self.targetModules) || "
+                        "size(self.targetModules) == 1",
+                        f"lora.targetModules: {ALL_LINEAR} already covers every linear layer; list it alone "
+                        "or list module names only", field_path=".targetModules")
 QUANTIZATION_ONLY_FOR_QLORA = Rule(
     "self.method == 'qlora' || !has(self.quantization)",
     "quantization is only used with method: qlora; remove it or set method: qlora", field_path=".quantization")
@@ -85,16 +92,25 @@ class LoraSpec(ApiModel):
     """Scaling numerator (lora_alpha); the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)."""
     dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
     """Dropout on the LoRA update during training (lora_dropout)."""
-    target_modules: str = Field(default="all-linear", pattern=r"^(all-linear|[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*)$")
-    """all-linear, or a comma-separated list of module names such as q_proj,v_proj."""
+    model_config = ConfigDict(json_schema_extra=cel(ALL_LINEAR_ALONE))
+
+    target_modules: list[ModuleName] = Field(default=[ALL_LINEAR], min_length=1, max_length=MAX_TARGET_MODULES)
+    """Module names the adapter wraps, as peft takes them ([q_proj, v_proj]); [all-linear]: every linear layer."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/sqrt(r)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
 
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> LoraSpec:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(ALL_LINEAR_ALONE.message)
+        return self
+
     @property
     def target_modules_value(self) -> str | list[str]:
-        return "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
+        """peft's target_modules: the string "all-linear" (peft expands it itself) or the list of names."""
+        return ALL_LINEAR if self.target_modules == [ALL_LINEAR] else list(self.target_modules)
 
 
 class QuantizationSpec(ApiModel):
