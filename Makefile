@@ -11,7 +11,7 @@ TORCH_WHEELS := $(HOME)/.cache/kubelora/wheels/torch-2.13.0
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: cluster-build venv test test-unit test-integration test-e2e test-reliability lint generate demo demo-down cluster-up cluster-down bench clean prometheus
+.PHONY: checkov cluster-build venv test test-unit test-integration test-e2e test-reliability lint generate demo demo-down cluster-up cluster-down bench clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# checkov in a virtualenv of its own: its pins would downgrade boto3 and packaging in .venv.
+CHECKOV_STAMP := $(VENV)/tools/checkov/.installed
+$(CHECKOV_STAMP):
+	$(PY) -m venv $(VENV)/tools/checkov
+	$(VENV)/tools/checkov/bin/pip install --quiet checkov==3.3.30
+	touch $@
+
+checkov: $(CHECKOV_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy operator/kubelora server_image/kubelora_server
@@ -35,10 +44,10 @@ generate: $(STAMP)
 
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # Kubernetes v1.37 cluster that is built from Go modules once and cached in ~/.cache/kubelora).
-test: lint cluster-build prometheus
+test: lint cluster-build prometheus checkov
 	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e tests/reliability -q -rfEs --durations=15
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) checkov
 	$(BIN)/python -m pytest tests/unit -q
 
 test-integration: $(STAMP)
