@@ -60,10 +60,31 @@ def losses_went_down(metrics: dict[str, float]) -> bool:
     return metrics["final_loss"] < metrics["first_loss"] - 0.1
 
 
+def assert_standard_peft_adapter(rev: Path, enc: Any, want: Any) -> None:
+    """The published folder, copied unchanged (no KubeLoRA code, no URI translation), loads with peft's own
+    entry points and gives the trained model's logits."""
+    import shutil
+
+    import torch
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = rev.parent / "copied-adapter"
+    shutil.copytree(rev, plain)
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(plain))  # finds the base by base_model_name_or_path
+    cfg = json.loads((plain / "adapter_config.json").read_text())
+    explicit = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"]),
+                                         str(plain))
+    with torch.no_grad():
+        for model in (auto, explicit):
+            model.eval()
+            torch.testing.assert_close(model(**enc).logits, want, rtol=0, atol=1e-5)
+
+
 def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from kubelora_trainer.progress import RecordingSink
     from kubelora_trainer.publish import verify_adapter_dir
@@ -72,7 +93,24 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
     data = write_chat_dataset(tmp_path / "chat.jsonl", n=64)
     run = make_run(tmp_path, tiny_llama, f"file://{data}", maxSteps=20)
     sink = RecordingSink()
-    result = train(run, Hooks(sinks=[sink], progress_interval=0))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    enc = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is the sky?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    trained: dict[str, Any] = {}
+
+    class KeepLogits(TrainerCallback):  # type: ignore[misc]
+        """The trained model's own logits, taken in the trainer process before anything is saved."""
+
+        def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            model.eval()
+            with torch.no_grad():
+                trained["logits"] = model(**enc).logits.detach().clone()
+
+    result = train(run, Hooks(sinks=[sink], progress_interval=0, extra_callbacks=[KeepLogits()]))
 
     assert result.ok and result.reason == "Completed"
     m = result.metrics
@@ -80,34 +118,37 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
     assert losses_went_down(m), m
     assert m["eval_loss"] < 6.5 and m["tokens_per_second"] > 0
 
-    # The adapter is complete, verifies, and says which base it belongs to (as a URI).
+    # The adapter is complete and verifies; the KubeLoRA URI of its base is in the manifest, peft's own
+    # base_model_name_or_path is the path the trainer loaded, and the model card is one of its files.
     rev = tmp_path / "out" / "rev-1"
     manifest = verify_adapter_dir(rev)
     assert result.adapter is not None and manifest.digest == result.adapter.digest
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(manifest.files)
-    assert "README.md" not in manifest.files
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(manifest.files)
     assert manifest.base_model == f"file://{tiny_llama}" == result.adapter.base_model
     assert manifest.metrics["final_loss"] == m["final_loss"] and manifest.rank == 8
     cfg = json.loads((rev / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == f"file://{tiny_llama}"
-    assert sorted((rev / "checkpoints").glob("checkpoint-*"))  # kept for resume, outside the digest
+    assert cfg["base_model_name_or_path"] == str(tiny_llama)
+    card = (rev / "README.md").read_text()
+    assert f"file://{data}" in card and re.search(r"`sha256:[0-9a-f]{64}`", card)
+    assert f"| final_loss | `{m['final_loss']:.6g}` |" in card and "| r | `8` |" in card
+    # Checkpoints (optimizer state) live beside the adapter, never in it.
+    assert not (rev / "checkpoints").exists()
+    assert sorted((tmp_path / "out" / "checkpoints" / "rev-1").glob("checkpoint-*"))
+    assert set(manifest.files) == {p.relative_to(rev).as_posix() for p in rev.rglob("*") if p.is_file()} - {
+        MANIFEST_FILE}
 
     # Reload with peft and generate; the trained adapter changes the base model's output.
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    enc = tok.apply_chat_template(
-        [{"role": "user", "content": "What colour is the sky?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )
     with torch.no_grad():
         base_logits = base(**enc).logits
     model = PeftModel.from_pretrained(base, str(rev))
     with torch.no_grad():
-        assert (model(**enc).logits - base_logits).abs().max() > 1e-3
+        reloaded = model(**enc).logits
+        assert (reloaded - base_logits).abs().max() > 1e-3
         out = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > enc["input_ids"].shape[1]
+    torch.testing.assert_close(reloaded, trained["logits"], rtol=0, atol=1e-5)
+    assert_standard_peft_adapter(rev, enc, trained["logits"])
 
     # Progress: monotonic steps, sane percent and ETA, the last checkpoint named as a URI.
     ups = sink.updates
@@ -120,7 +161,7 @@ def test_lora_learns_publishes_reloads_and_verifies(tiny_llama: Path, tmp_path: 
     last = ups[-1]
     assert (last.step, last.percent, last.eta_seconds) == (20, 100, 0)
     assert last.eval_loss is not None
-    assert last.last_checkpoint == f"file://{tmp_path}/out/rev-1/checkpoints/checkpoint-20"
+    assert last.last_checkpoint == f"file://{tmp_path}/out/checkpoints/rev-1/checkpoint-20"
 
     # A retried pod after success publishes nothing new.
     again = train(run, Hooks(sinks=[]))

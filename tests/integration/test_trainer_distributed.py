@@ -69,7 +69,7 @@ def finish(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
 
 
 def loss_curve(output: Path) -> list[float]:
-    state = json.loads((output / "rev-1" / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    state = json.loads((output / "checkpoints" / "rev-1" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
@@ -129,7 +129,7 @@ def test_fsdp_on_two_processes_publishes_a_standard_peft_adapter(
     result, log = finish(trainer(config))
     assert result["ok"], result
     assert "2 processes (1 node(s)), FSDP, gloo" in log
-    ckpt = tmp_path / "fsdp" / "rev-1" / "checkpoints" / f"checkpoint-{STEPS}"
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "rev-1" / f"checkpoint-{STEPS}"
     assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_0").is_dir()  # sharded, really
     assert loss_curve(tmp_path / "fsdp") == pytest.approx(single, abs=TOLERANCE)
 

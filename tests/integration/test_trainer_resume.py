@@ -51,7 +51,7 @@ def test_killed_trainer_resumes_from_newest_complete_checkpoint(tiny_llama: Path
     )
     cfg = tmp_path / "job.json"
     cfg.write_text(run.model_dump_json(by_alias=True))
-    ckpts = tmp_path / "out" / "rev-2" / "checkpoints"
+    ckpts = tmp_path / "out" / "checkpoints" / "rev-2"
     cmd = [sys.executable, "-m", "kubelora_trainer", "--config", str(cfg), "--termination-log", ""]
 
     with (tmp_path / "first.log").open("w") as log1:
@@ -126,7 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tiny_llama: Path, t
     with pytest.raises(TrainingStoppedError, match="stopped by SIGTERM at step 5 after saving checkpoint-5"):
         train(run, Hooks(sinks=[], extra_callbacks=[Terminate()]))
     assert signal.getsignal(signal.SIGTERM) == previous  # handler removed again
-    ckpts = tmp_path / "out" / "rev-1" / "checkpoints"
+    ckpts = tmp_path / "out" / "checkpoints" / "rev-1"
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-5"]
     assert not (tmp_path / "out" / "rev-1" / "kubelora-manifest.json").exists()
     result = train(run, Hooks(sinks=[]))

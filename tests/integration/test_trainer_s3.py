@@ -86,14 +86,16 @@ def test_s3_dataset_output_and_checkpoint_mirror(s3: object, tiny_llama: Path, t
         return {o["Key"].removeprefix("adapters/bot/rev-1/") for o in listing.get("Contents", [])}
 
     got = keys()
-    assert {MANIFEST_FILE, "adapter_config.json", "adapter_model.safetensors"} <= got
-    assert {"checkpoints/checkpoint-3/trainer_state.json", "checkpoints/checkpoint-6/trainer_state.json"} <= got
+    assert {MANIFEST_FILE, "adapter_config.json", "adapter_model.safetensors", "README.md"} <= got
+    assert not any(key.startswith("checkpoints/") for key in got), got  # the adapter folder is only the adapter
+    listing = client.list_objects_v2(Bucket="lora-data", Prefix="adapters/bot/checkpoints/rev-1/")  # type: ignore[attr-defined]
+    ckpt_keys = {o["Key"].removeprefix("adapters/bot/checkpoints/rev-1/") for o in listing.get("Contents", [])}
+    assert {"checkpoint-3/trainer_state.json", "checkpoint-6/trainer_state.json"} <= ckpt_keys
 
     local = tmp_path / "download"
     for key in got:
-        if not key.startswith("checkpoints/"):
-            (local / key).parent.mkdir(parents=True, exist_ok=True)
-            client.download_file("lora-data", f"adapters/bot/rev-1/{key}", str(local / key))  # type: ignore[attr-defined]
+        (local / key).parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("lora-data", f"adapters/bot/rev-1/{key}", str(local / key))  # type: ignore[attr-defined]
     assert verify_adapter_dir(local).digest == result.adapter.digest
 
     # A new pod on another node: no local state, no manifest (it died before publishing, after

@@ -40,7 +40,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_one_resumed(tin
                      "gradientAccumulationSteps": 1, "maxSeqLength": 128}}})
     cfg = tmp_path / "job.json"
     cfg.write_text(run.model_dump_json(by_alias=True))
-    ckpts = tmp_path / "out" / "rev-1" / "checkpoints"
+    ckpts = tmp_path / "out" / "checkpoints" / "rev-1"
     cmd = [sys.executable, "-m", "kubelora_trainer", "--config", str(cfg), "--termination-log", ""]
 
     with (tmp_path / "first.log").open("w") as log:

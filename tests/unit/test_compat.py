@@ -57,6 +57,18 @@ def test_manifest_base_rescues_a_trainer_local_path() -> None:
     assert check_compatible(odd, manifest("pvc://models/llama"), "pvc://models/llama", 64) is None
 
 
+def test_manifest_base_decides_over_the_config() -> None:
+    # The trainer keeps peft's base_model_name_or_path (a path in its pod, or a Hub repo id); the KubeLoRA URI
+    # lives in the manifest, and that is what is compared when there is one.
+    cfg = config("/mnt/pvc/models/llama")
+    bad = check_compatible(cfg, manifest("pvc://models/qwen"), "pvc://models/llama", 64)
+    assert bad is not None and bad.reason == Reason.BASE_MODEL_MISMATCH
+    assert "kubelora-manifest.json baseModel" in bad.message
+    hub = config("meta-llama/Llama-3.1-8B")
+    assert check_compatible(hub, manifest("hf://meta-llama/Llama-3.1-8B@v1"), "hf://meta-llama/Llama-3.1-8B@v1",
+                            64) is None
+
+
 def test_different_base_is_a_mismatch_naming_both() -> None:
     bad = check_compatible(config("/mnt/pvc/models/qwen"), manifest("pvc://models/qwen"), "pvc://models/llama", 64)
     assert bad is not None and bad.reason == Reason.BASE_MODEL_MISMATCH

@@ -209,3 +209,25 @@ def test_reads_over_http(tmp_path: Path) -> None:
         assert read_rows(HttpsURI(url)) == [(CHAT, url, "line 1")]
     finally:
         server.shutdown()
+
+
+def test_dataset_digest_is_sha256sum_of_the_files_read(tmp_path: Path) -> None:
+    import hashlib
+
+    from kubelora.api.digest import digest_of
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_lines(folder / "a.jsonl", [json.dumps(CHAT)] * 3)
+    write_lines(folder / "b.jsonl", [json.dumps(CHAT)] * 2)
+    evals = tmp_path / "eval.jsonl"
+    write_lines(evals, [json.dumps(CHAT)])
+    splits = load_splits(DatasetSource(uri=f"file://{folder}", eval_uri=f"file://{evals}"), seed=42)
+    sha = {p: hashlib.sha256(p_path.read_bytes()).hexdigest()
+           for p, p_path in {"a.jsonl": folder / "a.jsonl", "b.jsonl": folder / "b.jsonl",
+                             "eval/eval.jsonl": evals}.items()}
+    assert splits.digest == digest_of(sha)
+    # one changed byte in the data is a different digest
+    write_lines(folder / "b.jsonl", [json.dumps(CHAT)] * 2 + [json.dumps(CHAT).replace("Hi", "Ho")])
+    again = load_splits(DatasetSource(uri=f"file://{folder}", eval_uri=f"file://{evals}"), seed=42)
+    assert again.digest != splits.digest

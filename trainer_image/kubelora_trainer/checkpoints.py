@@ -6,6 +6,10 @@ adapter, optimizer, scheduler and RNG state of a checkpoint, so a checkpoint is 
 complete one; incomplete ones are removed (they would otherwise be mistaken for the newest by the next
 restart or by checkpoint rotation). If checkpoints exist but none is complete, the run starts over and
 says so loudly: it never silently starts from zero.
+
+Where: ``<output>/checkpoints/rev-<revision>/checkpoint-<step>/``, beside the published adapters
+(``<output>/rev-<revision>/``), never inside one: an adapter folder holds only what peft loads, so it can be
+copied, pushed to the Hub or served as it is, and no one downloads optimizer state with it.
 """
 
 from __future__ import annotations
@@ -24,11 +28,23 @@ from kubelora_trainer.storage import Location, download_dir, locate, upload_dir
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"
+"""The folder under ``spec.output.uri`` that holds every revision's checkpoints."""
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "pytorch_model_fsdp_0")
 """A single-process or DDP checkpoint holds the adapter; an FSDP one each rank's shard (a DCP folder)."""
 _OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")
+
+
+def checkpoints_rel(revision: int) -> str:
+    """Path of a revision's checkpoint folder relative to the output URI."""
+    return f"{CHECKPOINTS_DIR}/rev-{revision}"
+
+
+def checkpoints_uri(output_uri: str, revision: int) -> str:
+    """URI of ``checkpoints/rev-<revision>/`` under the output URI."""
+    return f"{output_uri.rstrip('/')}/{checkpoints_rel(revision)}"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Nothing here imports torch or transformers: the checks are pure Python and unit-
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubelora.api.digest import digest_of
 from kubelora.api.lorajob import DatasetSource
 from kubelora.api.uris import ArtifactURI
 from kubelora_trainer.errors import InvalidDatasetError
@@ -66,6 +68,9 @@ class DatasetSplits:
     format: str
     train: list[Record]
     eval: list[Record] = field(default_factory=list)
+    digest: str = ""
+    """sha256 (the adapter digest's algorithm) over the bytes of every data file read; evalUri files are
+    listed under ``eval/``. It goes into the model card, so a published adapter names the exact data."""
 
 
 class _Problems:
@@ -152,7 +157,13 @@ def _iter_json_array(text: str, source: str) -> Iterator[tuple[Any, str]]:
         yield obj, f"item {n} (line {line})"
 
 
-def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[Any, str]]:
+def _data_key(loc: Location, path: str) -> str:
+    """A data file's name in the dataset digest: its path below the dataset folder, or its own name."""
+    return posixpath.basename(path) if path == loc.path else posixpath.relpath(path, loc.path)
+
+
+def _iter_file(loc: Location, path: str, problems: _Problems,
+               hashes: dict[str, str] | None = None) -> Iterator[tuple[Any, str]]:
     source = _display(loc, path)
     lower = path.lower()
     if lower.endswith(".parquet"):
@@ -160,7 +171,10 @@ def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[
 
         try:
             with loc.fs.open(path, "rb") as fh:
-                table = pq.read_table(io.BytesIO(fh.read()))
+                blob = fh.read()
+            if hashes is not None:
+                hashes[_data_key(loc, path)] = hashlib.sha256(blob).hexdigest()
+            table = pq.read_table(io.BytesIO(blob))
         except Exception as exc:
             raise InvalidDatasetError(f"{source}: not a readable Parquet file ({exc}). Fix: rewrite it with "
                                       "pyarrow/pandas, or use JSON Lines") from exc
@@ -174,6 +188,8 @@ def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[
             raw = fh.read()
     except Exception as exc:
         raise InvalidDatasetError(f"{source} cannot be read: {exc}") from exc
+    if hashes is not None:
+        hashes[_data_key(loc, path)] = hashlib.sha256(raw).hexdigest()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -202,14 +218,18 @@ def _iter_file(loc: Location, path: str, problems: _Problems) -> Iterator[tuple[
     yield from _iter_jsonl(text, source, problems)  # .jsonl, .ndjson, and .json files holding JSON Lines
 
 
-def read_rows(uri: str | ArtifactURI) -> list[tuple[dict[str, Any], str, str]]:
-    """Every row at ``uri`` as ``(row, source, where)``; raises on unreadable files and non-object rows."""
+def read_rows(uri: str | ArtifactURI,
+              hashes: dict[str, str] | None = None) -> list[tuple[dict[str, Any], str, str]]:
+    """Every row at ``uri`` as ``(row, source, where)``; raises on unreadable files and non-object rows.
+
+    ``hashes``: filled with each data file's sha256 (from the bytes parsed, so the digest is of what was read).
+    """
     loc = locate(uri)
     problems = _Problems()
     rows: list[tuple[dict[str, Any], str, str]] = []
     for path in list_data_files(loc):
         source = _display(loc, path)
-        for obj, where in _iter_file(loc, path, problems):
+        for obj, where in _iter_file(loc, path, problems, hashes):
             if not isinstance(obj, dict):
                 problems.add(f"{source} {where}: expected a JSON object, got {type(obj).__name__}")
                 continue
@@ -339,13 +359,16 @@ def split_records(records: list[Record], fraction: float, seed: int) -> tuple[li
 
 def load_splits(dataset: DatasetSource, seed: int) -> DatasetSplits:
     """Read, check and split the dataset of a LoRAJob (and its evalUri, which must have the same format)."""
-    fmt, records = check_rows(read_rows(dataset.uri), dataset.format)
+    hashes: dict[str, str] = {}
+    fmt, records = check_rows(read_rows(dataset.uri, hashes), dataset.format)
     if dataset.eval_uri:
-        eval_fmt, eval_records = check_rows(read_rows(dataset.eval_uri), dataset.format)
+        eval_hashes: dict[str, str] = {}
+        eval_fmt, eval_records = check_rows(read_rows(dataset.eval_uri, eval_hashes), dataset.format)
         if eval_fmt != fmt:
             raise InvalidDatasetError(
                 f"evalUri {dataset.eval_uri} is in the {eval_fmt} format but the training data is {fmt}. "
                 "Fix: use the same row shape in both")
-        return DatasetSplits(fmt, records, eval_records)
+        hashes.update({f"eval/{k}": v for k, v in eval_hashes.items()})
+        return DatasetSplits(fmt, records, eval_records, digest_of(hashes))
     train, evals = split_records(records, dataset.effective_eval_split, seed)
-    return DatasetSplits(fmt, train, evals)
+    return DatasetSplits(fmt, train, evals, digest_of(hashes))

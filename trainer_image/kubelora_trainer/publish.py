@@ -23,13 +23,16 @@ from kubelora.api.common import now_rfc3339
 from kubelora.api.digest import EXCLUDED_DIRS, DigestMismatchError, check_files, digest_of, hash_tree
 from kubelora.api.lorajob import AdapterInfo
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, TrainerRunConfig
+from kubelora.api.uris import HfURI, URIError, parse_uri
+from kubelora_trainer.modelcard import CARD_FILE, render_card
 from kubelora_trainer.storage import Location, locate
 
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
-_DROP = ("README.md", "training_args.bin")
-"""Files peft/transformers write next to an adapter that are not part of it."""
+_DROP = ("training_args.bin",)
+"""Files peft/transformers write next to an adapter that are not part of it (peft's README.md template is
+replaced by the generated model card)."""
 
 
 class ManifestError(ValueError):
@@ -62,12 +65,30 @@ def verify_adapter_dir(path: str | os.PathLike[str]) -> AdapterManifest:
     return manifest
 
 
+def peft_base_fields(base_model_uri: str, loaded_from: str) -> dict[str, str | None]:
+    """``base_model_name_or_path`` and ``revision`` as peft means them: what ``from_pretrained`` takes.
+
+    A Hub base is its repo id (and revision), so ``AutoPeftModelForCausalLM``, merge scripts and the Hub
+    find it; any other base is the path the trainer loaded it from. The KubeLoRA URI, which servers compare
+    with the base they serve, is the manifest's ``baseModel``.
+    """
+    try:
+        parsed = parse_uri(base_model_uri)
+    except URIError:
+        parsed = None
+    if isinstance(parsed, HfURI):
+        return {"base_model_name_or_path": parsed.repo, "revision": parsed.revision}
+    return {"base_model_name_or_path": loaded_from, "revision": None}
+
+
 def save_adapter(model: Any, tokenizer: Any, dest: Path, base_model_uri: str, save_tokenizer: bool,
-                 state_dict: dict[str, Any] | None = None) -> None:
+                 state_dict: dict[str, Any] | None = None, loaded_from: str | None = None) -> None:
     """Write the adapter (and the tokenizer when training changed it) into ``dest``.
 
     ``state_dict``: the gathered full weights of a sharded (FSDP) model; peft keeps the adapter's keys, so
-    the files are the same standard peft format as a single-process run.
+    the files are the same standard peft format as a single-process run. ``loaded_from``: the path or repo
+    id the base model was loaded from (peft records the model's ``name_or_path``, which an FSDP or quantized
+    wrapper may not carry; this makes it explicit).
     """
     if state_dict is not None:
         model.save_pretrained(str(dest), state_dict=state_dict)
@@ -75,13 +96,20 @@ def save_adapter(model: Any, tokenizer: Any, dest: Path, base_model_uri: str, sa
         model.save_pretrained(str(dest))
     cfg_path = dest / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    # The URI, not a path inside this pod: it is what servers compare with the base model they serve.
-    cfg["base_model_name_or_path"] = base_model_uri
+    fields = peft_base_fields(base_model_uri, loaded_from or str(cfg.get("base_model_name_or_path") or ""))
+    cfg["base_model_name_or_path"] = fields["base_model_name_or_path"]
+    if fields["revision"]:
+        cfg["revision"] = fields["revision"]
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if save_tokenizer:
         tokenizer.save_pretrained(str(dest))
     for name in _DROP:
         (dest / name).unlink(missing_ok=True)
+
+
+def write_card(dest: Path, run: TrainerRunConfig, metrics: dict[str, float], dataset_digest: str) -> None:
+    cfg = json.loads((dest / "adapter_config.json").read_text(encoding="utf-8"))
+    (dest / CARD_FILE).write_text(render_card(run, cfg, metrics, dataset_digest), encoding="utf-8")
 
 
 def build_manifest(staging: Path, run: TrainerRunConfig, metrics: dict[str, float]) -> AdapterManifest:
@@ -148,8 +176,10 @@ def _publish_remote(staging: Path, loc: Location, manifest: AdapterManifest) -> 
 
 def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: dict[str, float],
                     save_tokenizer: bool = False, state_dict: dict[str, Any] | None = None,
+                    loaded_from: str | None = None, dataset_digest: str = "",
                     ) -> tuple[AdapterManifest, AdapterInfo]:
-    """Save, hash and publish the trained adapter; return its manifest and the status summary."""
+    """Save, hash and publish the trained adapter with its model card; return its manifest and the status
+    summary."""
     rev_uri = revision_dir(run.spec.output.uri, run.revision)
     loc = locate(rev_uri)
     if loc.is_local:
@@ -160,7 +190,8 @@ def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: 
         staging_parent = None
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
     try:
-        save_adapter(model, tokenizer, staging, run.spec.base_model.uri, save_tokenizer, state_dict)
+        save_adapter(model, tokenizer, staging, run.spec.base_model.uri, save_tokenizer, state_dict, loaded_from)
+        write_card(staging, run, metrics, dataset_digest)
         manifest = build_manifest(staging, run, metrics)
         if loc.is_local:
             _publish_local(staging, Path(loc.path), manifest)

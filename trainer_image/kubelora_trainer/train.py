@@ -21,12 +21,12 @@ from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStats
 from kubelora_trainer import distributed as dist
 from kubelora_trainer import mapping, memory
-from kubelora_trainer.checkpoints import RemoteCheckpoints, find_resume_checkpoint
+from kubelora_trainer.checkpoints import RemoteCheckpoints, checkpoints_rel, checkpoints_uri, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits
 from kubelora_trainer.errors import InvalidSpecError, TrainingFailedError, TrainingStoppedError
 from kubelora_trainer.modelload import ModelRef, detect_device, load_base_model, load_tokenizer, resolve_base_model
 from kubelora_trainer.progress import ProgressSink, ProgressTracker, default_sinks, make_callback
-from kubelora_trainer.publish import existing_adapter, publish_adapter, revision_dir
+from kubelora_trainer.publish import existing_adapter, publish_adapter
 from kubelora_trainer.stopping import GracefulStop
 from kubelora_trainer.storage import locate
 from kubelora_trainer.validate import LossPlan, plan_loss, validate_splits
@@ -175,17 +175,18 @@ def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: 
 
 
 def _checkpoint_dirs(run: TrainerRunConfig) -> tuple[Path, RemoteCheckpoints | None, str]:
-    """Local checkpoint folder (on the volume itself for pvc/file; a work dir mirrored to s3 otherwise)."""
-    rev_uri = revision_dir(run.spec.output.uri, run.revision)
-    loc = locate(rev_uri)
+    """Local checkpoint folder (on the volume itself for pvc/file; a work dir mirrored to s3 otherwise), the
+    mirror, and the folder's URI: ``<output>/checkpoints/rev-<revision>``, outside the published adapter."""
+    ckpt_uri = checkpoints_uri(run.spec.output.uri, run.revision)
+    loc = locate(ckpt_uri)
     if loc.is_local:
-        return Path(loc.path) / "checkpoints", None, f"{rev_uri}/checkpoints"
+        return Path(loc.path), None, ckpt_uri
     # The temp dir, not /tmp: pods run with a read-only root filesystem and TMPDIR on a scratch volume.
     work_root = Path(os.environ.get(WORK_DIR_ENV) or Path(tempfile.gettempdir(), "kubelora", "work"))
     work = work_root / f"{run.namespace}-{run.name}-rev-{run.revision}"
     local = work / "checkpoints"
     local.mkdir(parents=True, exist_ok=True)
-    return local, RemoteCheckpoints(loc, "checkpoints", local), f"{rev_uri}/checkpoints"
+    return local, RemoteCheckpoints(locate(run.spec.output.uri), checkpoints_rel(run.revision), local), ckpt_uri
 
 
 def count_4bit_linear(model: Any) -> int:
@@ -326,7 +327,8 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
     info = None
     if rank.is_main:
         _, info = publish_adapter(trainer.model, pre.tokenizer, run, metrics, save_tokenizer=changed_tokenizer,
-                                  state_dict=state_dict)
+                                  state_dict=state_dict, loaded_from=pre.model_ref.name_or_path,
+                                  dataset_digest=pre.splits.digest)
         tracker.published(info)
     info = dist.broadcast(info, rank)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,

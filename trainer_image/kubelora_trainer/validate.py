@@ -124,7 +124,8 @@ def validate_splits(tokenizer: Any, splits: DatasetSplits, max_seq_length: int,
     """Check every row's token length; return the stats and the rows as the trainer will feed them."""
     loss = loss or plan_loss(tokenizer, splits.format)
     if loss.convert_to_prompt_completion:
-        splits = DatasetSplits(splits.format, to_prompt_completion(splits.train), to_prompt_completion(splits.eval))
+        splits = DatasetSplits(splits.format, to_prompt_completion(splits.train), to_prompt_completion(splits.eval),
+                               splits.digest)
     records = splits.train + splits.eval
     lengths = token_lengths(tokenizer, records, loss.chat_template)
     check_lengths(records, lengths, max_seq_length)

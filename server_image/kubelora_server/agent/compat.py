@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubelora.api.reasons import Reason
-from kubelora.api.runtime import AdapterManifest
+from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest
 from kubelora.api.uris import DEFAULT_PVC_ROOT, FileURI, HfURI, PvcURI, URIError, parse_uri, pvc_root
 from kubelora_server.peft_rules import vllm_refusals
 
@@ -75,9 +75,11 @@ def check_compatible(config: Mapping[str, Any], manifest: AdapterManifest | None
                      max_lora_rank: int, root: str | None = None) -> Incompatible | None:
     """``None`` when the adapter may be loaded; otherwise the first rule it breaks.
 
-    The base model matches when the served base shares an alias with either the adapter_config's
-    ``base_model_name_or_path`` or the manifest's ``baseModel``: the config alone is unreliable (a path
-    inside the trainer pod), the manifest alone is absent for hand-made adapters.
+    The base model is the manifest's ``baseModel`` (the LoRAJob's URI) when there is a manifest. Only an
+    adapter without one (from the Hub, or made elsewhere) is judged by adapter_config's
+    ``base_model_name_or_path``, peft's field: a repo id or a path, compared through
+    :func:`base_model_aliases`. A trainer's config holds the path it loaded the base from, which may be a
+    download folder inside its pod, so with a manifest the config's value is not consulted.
     """
     peft_type = str(config.get("peft_type") or "")
     if peft_type.upper() != "LORA" or (manifest is not None and manifest.peft_type.upper() != "LORA"):
@@ -89,18 +91,18 @@ def check_compatible(config: Mapping[str, Any], manifest: AdapterManifest | None
         reason = Reason.RANK_TOO_LARGE if all("max_lora_rank" in m for m in refused) else Reason.UNSUPPORTED_ADAPTER
         return Incompatible(reason, "vLLM refuses this adapter: " + " ".join(refused))
     served = base_model_aliases(served_base, root)
-    declared = [config.get("base_model_name_or_path"), manifest.base_model if manifest else None]
-    declared_aliases: set[str] = set()
-    for item in declared:
-        declared_aliases |= base_model_aliases(item if isinstance(item, str) else None, root)
+    if manifest is not None:
+        declared, field = manifest.base_model, f"{MANIFEST_FILE} baseModel"
+    else:
+        value = config.get("base_model_name_or_path")
+        declared, field = (value if isinstance(value, str) else ""), "adapter_config.json base_model_name_or_path"
+    declared_aliases = base_model_aliases(declared, root)
     if not declared_aliases:
         return Incompatible(Reason.BASE_MODEL_MISMATCH,
-                            "the adapter does not say which base model it was trained on "
-                            "(no base_model_name_or_path, no manifest baseModel)")
+                            f"the adapter does not say which base model it was trained on (no {field})")
     if not served & declared_aliases:
-        named = " / ".join(sorted({str(d) for d in declared if d}))
-        return Incompatible(Reason.BASE_MODEL_MISMATCH,
-                            f"the adapter was trained on {named}, but this deployment serves {served_base}")
+        return Incompatible(Reason.BASE_MODEL_MISMATCH, f"the adapter was trained on {declared} ({field}), "
+                            f"but this deployment serves {served_base}")
     rank = adapter_rank(config)
     if rank > max_lora_rank:
         return Incompatible(Reason.RANK_TOO_LARGE,
