@@ -24,6 +24,7 @@ from kubelora_trainer import mapping, memory
 from kubelora_trainer.checkpoints import RemoteCheckpoints, checkpoints_rel, checkpoints_uri, find_resume_checkpoint
 from kubelora_trainer.data import DatasetSplits, Record, load_splits
 from kubelora_trainer.errors import InvalidSpecError, TrainingFailedError, TrainingStoppedError
+from kubelora_trainer.merge import ensure_merged
 from kubelora_trainer.modelload import ModelRef, detect_device, load_base_model, load_tokenizer, resolve_base_model
 from kubelora_trainer.progress import ProgressSink, ProgressTracker, default_sinks, make_callback
 from kubelora_trainer.publish import existing_adapter, publish_adapter
@@ -210,8 +211,9 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     if done is not None:
         manifest, info = done
         log.info("revision %d is already published and verifies (%s): nothing to do", run.revision, info.digest)
+        merged = dist.broadcast(ensure_merged(run, info) if rank.is_main else None, rank)
         return TrainerResult(ok=True, reason=Reason.COMPLETED.value, message="adapter already published",
-                             adapter=info, metrics=manifest.metrics)
+                             adapter=info, merged=merged, metrics=manifest.metrics)
 
     pre = preflight(run, tokenizer_only=True)  # reject bad input before downloading any weights
     model_ref = resolve_base_model(spec.base_model.uri, tokenizer_only=False)
@@ -331,9 +333,10 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
                                   dataset_digest=pre.splits.digest)
         tracker.published(info)
     info = dist.broadcast(info, rank)
+    merged = dist.broadcast(ensure_merged(run, info) if rank.is_main else None, rank)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,
                          message=f"trained {int(metrics.get('global_step', 0))} steps; adapter {info.uri}",
-                         adapter=info, metrics=metrics, validation=pre.stats)
+                         adapter=info, merged=merged, metrics=metrics, validation=pre.stats)
 
 
 def _metrics(trainer: Any, output: Any, train_seconds: float, resumed_from: int) -> dict[str, float]:

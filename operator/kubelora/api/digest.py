@@ -4,11 +4,13 @@ The digest of an adapter directory is the sha256 of its ``sha256sum``-style list
 
     <sha256 hex of file>  <relative posix path>\\n      (one line per file, sorted by path, byte order)
 
-over every file except ``kubelora-manifest.json`` itself and the ``checkpoints/`` tree (training state
-that lives beside the adapter but is not part of it). Using the ``sha256sum`` format means anyone can
+over every file except ``kubelora-manifest.json`` itself, the ``checkpoints/`` tree (training state
+that lives beside the adapter but is not part of it) and ``merged/`` (the merged model, which has its own
+manifest, whose digest is computed the same way). Using the ``sha256sum`` format means anyone can
 re-check a published adapter with coreutils alone::
 
-    cd rev-1 && find . -type f ! -name kubelora-manifest.json ! -path './checkpoints/*' -printf '%P\\n' \\
+    cd rev-1 && find . -type f ! -name kubelora-manifest.json ! -path './checkpoints/*' ! -path './merged/*' \\
+      -printf '%P\\n' \\
       | LC_ALL=C sort | xargs sha256sum | sha256sum
 
 This module uses only the standard library so that every component (and a shell) can reproduce it.
@@ -24,7 +26,7 @@ from pathlib import Path
 DIGEST_PREFIX = "sha256:"
 MANIFEST_NAME = "kubelora-manifest.json"
 """Same value as ``kubelora.api.runtime.MANIFEST_FILE`` (kept here so this module needs no pydantic)."""
-EXCLUDED_DIRS = ("checkpoints",)
+EXCLUDED_DIRS = ("checkpoints", "merged")
 """Top-level folders of an output revision that are not part of the adapter."""
 _CHUNK = 1 << 20
 

@@ -17,6 +17,7 @@ from kubelora.api.common import (
     SecretName,
     UriField,
 )
+from kubelora.api.merged import MergedModelInfo, MergedOutputSpec
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 DEFAULT_EVAL_SPLIT = 0.1
@@ -198,6 +199,8 @@ class OutputSpec(ApiModel):
     """pvc://, s3:// or file:// directory."""
     credentials_secret_ref: SecretName | None = None
     """Secret with AWS_* keys for s3:// URIs."""
+    merged: MergedOutputSpec | None = None
+    """Also publish the base with the adapter merged in, at rev-<revision>/merged/ (its own manifest and digest)."""
 
 
 class LoRAJobSpec(ApiModel):
@@ -364,6 +367,8 @@ class LoRAJobStatus(ApiModel):
     """The adapter of this revision, once published."""
     last_succeeded_adapter: AdapterInfo | None = None
     """The newest adapter any revision published; kept while a retrain runs or fails, so serving can stay on it."""
+    merged: MergedModelInfo | None = None
+    """The merged model of this revision (spec.output.merged), once published."""
     message: str | None = None
     """Human summary of the latest transition."""
 

@@ -12,6 +12,7 @@ from pydantic import Field
 from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN, AdapterState
 from kubelora.api.common import ApiModel, Digest
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
+from kubelora.api.merged import MergedModelInfo
 
 MANIFEST_FILE = "kubelora-manifest.json"
 EXIT_OK = 0
@@ -53,6 +54,8 @@ class TrainerResult(ApiModel):
     reason: str = ""
     message: str = ""
     adapter: AdapterInfo | None = None
+    merged: MergedModelInfo | None = None
+    """The merged model, when spec.output.merged asked for one."""
     metrics: dict[str, float] = Field(default_factory=dict)
     validation: ValidationStats | None = None
 

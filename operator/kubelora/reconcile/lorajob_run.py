@@ -129,6 +129,9 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
         if adapter is not None:
             updates["adapter"] = adapter
             updates["last_succeeded_adapter"] = adapter
+            merged = result.merged if result is not None and result.ok else None
+            if merged is not None and run.spec is not None and is_within(merged.uri, run.spec.output.uri):
+                updates["merged"] = merged
             message = f"adapter published at {adapter.uri} ({adapter.digest})"
             return RunStep(Outcome(JobPhase.SUCCEEDED, Reason.COMPLETED, message, verdict), updates)
         detail = _detail(pod, result) or "the trainer reported no result"
