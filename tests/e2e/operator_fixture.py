@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 START_TIMEOUT = 60.0
 STARTED: list[OperatorProcess] = []
@@ -152,11 +153,75 @@ class OperatorProcess:
         return "\n".join(self.logs().splitlines()[-lines:])
 
 
+REPO = Path(__file__).resolve().parents[2]
+HELM = REPO / ".venv" / "bin" / "helm"
+OPERATOR_NAMESPACE = "kubelora-system"
+RELEASE = "e2e"
+"""Release name for the chart's RBAC (its names are ``<release>-operator...``; the Helm tests use others)."""
+RBAC_PATHS = {
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+    "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+}
+
+
+@dataclass(frozen=True)
+class ChartIdentity:
+    service_account: str
+    token: str
+    kubeconfig: Path
+
+
+def chart_rbac() -> list[dict[str, Any]]:
+    """The chart's ServiceAccount and RBAC objects, rendered with default values as ``helm install`` would."""
+    out = subprocess.run(
+        [str(HELM), "template", RELEASE, str(REPO / "charts" / "kubelora"), "--namespace", OPERATOR_NAMESPACE,
+         "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
 @pytest.fixture(scope="session")
-def operator(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
-    """The operator for the whole session; tests that kill it start it again (``operator.start()``)."""
+def chart_identity(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> ChartIdentity:
+    """The chart's ServiceAccount with the chart's ClusterRoles, a token for it (TokenRequest) and a kubeconfig
+    with that token: the e2e operator runs as the chart installs it, not with the admin token."""
+    from kubelora_local.kube import KubeError
+
+    with contextlib.suppress(KubeError):  # a reused cluster has it already
+        cluster.kube.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                   "metadata": {"name": OPERATOR_NAMESPACE}})
+    account = ""
+    for doc in chart_rbac():
+        path = RBAC_PATHS[doc["kind"]].format(ns=OPERATOR_NAMESPACE)
+        account = doc["metadata"]["name"] if doc["kind"] == "ServiceAccount" else account
+        try:
+            cluster.kube.create(path, doc)
+        except KubeError as e:
+            if e.status != 409:
+                raise
+            cluster.kube.request("PUT", f"{path}/{doc['metadata']['name']}", doc)  # unconditional update
+    request = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+               "spec": {"expirationSeconds": 24 * 3600}}
+    token = cluster.kube.create(
+        f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{account}/token", request)["status"]["token"]
+    config = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    config["users"] = [{"name": config["contexts"][0]["context"]["user"], "user": {"token": token}}]
+    path = tmp_path_factory.mktemp("identity") / "operator.kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return ChartIdentity(service_account=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}", token=token,
+                         kubeconfig=path)
+
+
+@pytest.fixture(scope="session")
+def operator(chart_identity: ChartIdentity, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """The operator for the whole session, as the chart's ServiceAccount; tests that kill it start it again
+    (``operator.start()``)."""
     proc = OperatorProcess(
-        kubeconfig=Path(cluster.kubeconfig),
+        kubeconfig=chart_identity.kubeconfig,
         log_path=tmp_path_factory.mktemp("operator") / "operator.log",
         env={"KUBELORA_PROGRESS_INTERVAL_SECONDS": "1"},
     )  # live progress in short runs
