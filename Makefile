@@ -92,3 +92,12 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Wheels bench/gpu_check.sh installs on the GPU machine, which has no network (Python 3.12, manylinux x86_64,
+# ~63 MiB; bench/gpu_requirements.txt says what and why). Downloaded, not committed: carry the folder along.
+GPU_WHEELS := bench/gpu_wheels
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d $(GPU_WHEELS) -r bench/gpu_requirements.txt
+	du -ch $(GPU_WHEELS)/*.whl | tail -1
