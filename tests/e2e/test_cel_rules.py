@@ -55,7 +55,6 @@ BAD_DEPLOYMENTS = {
     "cpu-loras-below-gpu-loras": with_(DEPLOYMENT, vllm={"maxLoras": 8, "maxCpuLoras": 4}),
     "both-sources": with_(DEPLOYMENT, adapters=[{"name": "a", "uri": "pvc://x/a", "loraJobRef": {"name": "j"}}]),
     "no-source": with_(DEPLOYMENT, adapters=[{"name": "a"}]),
-    "hf-adapter": with_(DEPLOYMENT, adapters=[{"name": "a", "uri": "hf://org/adapter"}]),
     "shadows-base": with_(DEPLOYMENT, adapters=[{"name": "base", "uri": "pvc://x/a"}]),
 }
 

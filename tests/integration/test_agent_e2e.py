@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kubelora.api.digest import digest_of, file_sha256
 from kubelora.api.runtime import MANIFEST_FILE, DesiredAdapter, DesiredAdapters
 from kubelora_server.testing import Process, free_port, make_adapter
 from tests.integration.test_cpu_engine import PROMPT, tiny_assets
@@ -52,8 +53,13 @@ class Stack:
         data = bytearray((src / "corrupt" / "adapter_model.safetensors").read_bytes())
         data[-1] ^= 0xFF
         (src / "corrupt" / "adapter_model.safetensors").write_bytes(bytes(data))
-        shutil.copytree(assets.a2, src / "unsigned")
-        (src / "unsigned" / MANIFEST_FILE).unlink()
+        # Adapters without a KubeLoRA manifest: one exactly as peft's save_pretrained writes it (its own
+        # README.md, base_model_name_or_path as peft recorded it), one a copy of good2 minus the manifest.
+        peft_save_pretrained(self.base, src / "handmade", seed=5)
+        shutil.copytree(assets.a2, src / "nomanifest")
+        (src / "nomanifest" / MANIFEST_FILE).unlink()
+        (src / "notanadapter").mkdir()
+        (src / "notanadapter" / "README.md").write_text("weights elsewhere\n")
         make_adapter(self.base, src / "otherbase", seed=4, base_model="pvc://models/some-other-model")
         self.src = src
         self.sources = {
@@ -61,7 +67,9 @@ class Stack:
             "good2": assets.a2,
             "live": src / "live",
             "corrupt": src / "corrupt",
-            "unsigned": src / "unsigned",
+            "handmade": src / "handmade",
+            "nomanifest": src / "nomanifest",
+            "notanadapter": src / "notanadapter",
             "otherbase": src / "otherbase",
             "big": assets.big,
         }
@@ -157,10 +165,26 @@ class Stack:
         return f"--- agent\n{self.agent.log_tail(60)}\n--- engine\n{self.engine.log_tail(30) if self.engine else ''}"
 
 
-GOOD = {"good1", "good2", "live"}
+def peft_save_pretrained(base: Path, dest: Path, seed: int) -> None:
+    """A LoRA adapter as anyone makes one with peft, untouched: no KubeLoRA code writes into the folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(3.0)
+    model.save_pretrained(str(dest))
+
+
+GOOD = {"good1", "good2", "live", "handmade", "nomanifest"}
 FAILED = {
     "corrupt": "DigestMismatch",
-    "unsigned": "ManifestInvalid",
+    "notanadapter": "ManifestInvalid",
     "otherbase": "BaseModelMismatch",
     "big": "RankTooLarge",
 }
@@ -184,7 +208,7 @@ def test_bad_adapters_fail_with_their_reason_and_good_ones_load(stack: Stack) ->
         "fetches before the engine exists",
         lambda: (
             all(st == ("Pending", "") or st[0] == "Failed" for st in stack.states().values())
-            and len(stack.states()) == 7
+            and len(stack.states()) == 9
         ),
     )
     assert not stack.ready(), "no engine yet"
@@ -204,10 +228,18 @@ def test_bad_adapters_fail_with_their_reason_and_good_ones_load(stack: Stack) ->
     assert set(loaded) == GOOD
     assert all(Path(root).parent == stack.cache for root in loaded.values())
     assert all(report[n]["digest"] and Path(loaded[n]).name.endswith(report[n]["digest"][7:19]) for n in GOOD)
-    outs = {n: stack.chat(n) for n in ("tiny", "good1", "good2")}
-    assert len(set(outs.values())) == 3
+    outs = {n: stack.chat(n) for n in ("tiny", "good1", "good2", "handmade")}
+    assert len(set(outs.values())) == 4
+    # Manifest-less adapters: served by URI, the status carries the digest the agent computed over the files
+    # it copied, and the same weights answer exactly as they do with a manifest.
+    handmade = stack.sources["handmade"]
+    files = sorted(p.name for p in handmade.iterdir())
+    assert "README.md" in files and MANIFEST_FILE not in files
+    assert report["handmade"]["digest"] == digest_of({f: file_sha256(handmade / f) for f in files})
+    assert stack.chat("nomanifest") == outs["good2"]
+    assert report["nomanifest"]["digest"] == report["good2"]["digest"]  # one algorithm: same files, same digest
     metrics = httpx.get(stack.agent_url + "/metrics").text
-    assert 'kubelora_agent_adapters{state="Loaded"} 3.0' in metrics
+    assert 'kubelora_agent_adapters{state="Loaded"} 5.0' in metrics
     assert 'kubelora_agent_adapters{state="Failed"} 4.0' in metrics
 
 

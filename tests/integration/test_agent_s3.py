@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,3 +85,24 @@ def test_s3_corruption_and_absence_are_reported(bucket: str, tmp_path: Path) -> 
     assert isinstance(bad, Problem) and bad.reason == Reason.DIGEST_MISMATCH
     gone = fetch_and_check(Want("g", f"s3://{bucket}/jobs/none/rev-1"), desired(), tmp_path / "cache")
     assert isinstance(gone, Problem) and gone.reason == Reason.MANIFEST_INVALID
+
+
+def test_s3_adapter_without_manifest_is_listed_digested_and_pinned(bucket: str, tmp_path: Path) -> None:
+    import boto3
+
+    from kubelora.api.digest import digest_of
+
+    s3 = boto3.client("s3")
+    files = {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                "target_modules": ["q_proj", "v_proj"],
+                                                "base_model_name_or_path": "/mnt/pvc/models/tiny"}).encode(),
+             "adapter_model.safetensors": b"hub weights", "README.md": b"# card\n"}
+    for key, body in files.items():
+        s3.put_object(Bucket=bucket, Key=f"plain/a/{key}", Body=body)
+    s3.put_object(Bucket=bucket, Key="plain/a/checkpoint-5/optimizer.pt", Body=b"not served")
+    digest = digest_of({k: hashlib.sha256(v).hexdigest() for k, v in files.items()})
+    out = fetch_and_check(Want("p", f"s3://{bucket}/plain/a"), desired(), tmp_path / "cache")
+    assert isinstance(out, Ready) and out.digest == digest, out
+    assert sorted(p.name for p in Path(out.path).iterdir()) == sorted([*files, MANIFEST_FILE])
+    pinned = fetch_and_check(Want("q", f"s3://{bucket}/plain/a", "sha256:" + "1" * 64), desired(), tmp_path / "c2")
+    assert isinstance(pinned, Problem) and pinned.reason == Reason.DIGEST_MISMATCH and digest in pinned.message

@@ -100,11 +100,14 @@ def test_pinned_digest_must_match(tmp_path: Path) -> None:
     assert isinstance(ok, Ready)
 
 
-def test_missing_manifest_is_manifest_invalid(tmp_path: Path) -> None:
+def test_a_folder_with_neither_manifest_nor_adapter_is_manifest_invalid(tmp_path: Path) -> None:
     src = fake_adapter(tmp_path, manifest=False)
+    (src / "adapter_model.safetensors").unlink()
     out = fetch_and_check(Want("a", f"file://{src}"), desired(), tmp_path / "cache")
-    assert isinstance(out, Problem) and out.reason == Reason.MANIFEST_INVALID
-    assert "does not exist" in out.message
+    assert isinstance(out, Problem) and out.reason == Reason.MANIFEST_INVALID and out.permanent
+    assert "holds no adapter" in out.message
+    gone = fetch_and_check(Want("a", f"file://{tmp_path}/nothing-here"), desired(), tmp_path / "cache")
+    assert isinstance(gone, Problem) and gone.reason == Reason.MANIFEST_INVALID and "nothing-here" in gone.message
 
 
 def test_manifest_listing_a_missing_file_is_manifest_invalid(tmp_path: Path) -> None:
@@ -154,11 +157,6 @@ def test_unreachable_source_is_transient(tmp_path: Path) -> None:
 
     out = fetch_and_check(Want("a", "s3://bucket/a"), desired(), tmp_path / "cache", lambda uri: Broken())
     assert isinstance(out, Problem) and out.reason == Reason.FETCH_FAILED and not out.permanent
-
-
-def test_hf_uris_are_refused_for_adapters(tmp_path: Path) -> None:
-    out = fetch_and_check(Want("a", "hf://org/adapter"), desired(), tmp_path / "cache")
-    assert isinstance(out, Problem) and out.reason == Reason.FETCH_FAILED and out.permanent
 
 
 def test_verified_cache_entry_is_reused_without_the_source(tmp_path: Path) -> None:

@@ -201,7 +201,6 @@ def test_deployment_rejects(path: str, value: Any, message: str) -> None:
             id="duplicate-names",
         ),
         pytest.param([{"name": "Support_Bot", "uri": "s3://bkt/x"}], "should match pattern", id="bad-name"),
-        pytest.param([{"name": "a", "uri": "hf://org/adapter"}], "hf:// is for base models", id="hf-adapter"),
         pytest.param(
             [{"name": "a", "uri": "s3://bkt/x", "digest": "md5:abc"}], "should match pattern", id="bad-digest"
         ),
@@ -211,6 +210,12 @@ def test_deployment_rejects(path: str, value: Any, message: str) -> None:
 def test_adapter_rules(adapters: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AdapterDeploymentSpec.model_validate({**AD, "adapters": adapters})
+
+
+def test_hub_adapters_are_accepted_with_a_revision_and_a_pin() -> None:
+    spec = AdapterDeploymentSpec.model_validate({**AD, "adapters": [
+        {"name": "a", "uri": "hf://org/adapter@0123abc", "digest": "sha256:" + "0" * 64}]})
+    assert spec.adapters[0].uri == "hf://org/adapter@0123abc"
 
 
 def test_cpu_loras_must_cover_gpu_loras() -> None:

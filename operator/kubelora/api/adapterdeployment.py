@@ -22,11 +22,6 @@ CPU_LORAS_COVER_GPU_LORAS = Rule(
 EXACTLY_ONE_SOURCE = Rule(
     "has(self.loraJobRef) != has(self.uri)", "adapter: set exactly one of loraJobRef or uri",
     message_expression="\"adapter '\" + self.name + \"': set exactly one of loraJobRef or uri\"")
-NO_HF_ADAPTERS = Rule(
-    "!has(self.uri) || !self.uri.startsWith('hf://')",
-    "adapter: hf:// is for base models; use pvc://, s3://, https:// or file://",
-    message_expression="\"adapter '\" + self.name + \"': hf:// is for base models; use pvc://, s3://, https:// "
-                       "or file://\"", field_path=".uri")
 NAME_IS_A_SERVICE_NAME = Rule(
     "self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
     "metadata.name must be a DNS-1035 label (at most 63 lowercase letters, digits and '-', starting with a letter): "
@@ -89,23 +84,24 @@ class LoRAJobRef(ApiModel):
 class AdapterSource(ApiModel):
     """One adapter to serve: from a LoRAJob or from a URI."""
 
-    model_config = ConfigDict(json_schema_extra=cel(EXACTLY_ONE_SOURCE, NO_HF_ADAPTERS))
+    model_config = ConfigDict(json_schema_extra=cel(EXACTLY_ONE_SOURCE))
 
     name: str = Field(pattern=ADAPTER_NAME_PATTERN, max_length=63)
     """The model name clients send to /v1/chat/completions to use this adapter."""
     lora_job_ref: LoRAJobRef | None = None
     """Serve the adapter a LoRAJob published; set this or uri."""
     uri: AnyUri | None = None
-    """An adapter directory: pvc://, s3://, https:// or file://."""
+    """An adapter folder: pvc://, s3://, https://, file://, or hf://org/name[@revision] (a Hub repository). With
+    no kubelora-manifest.json the adapter's files are read as peft wrote them (https: adapter_config.json and
+    adapter_model.safetensors) and the agent computes the digest."""
     digest: Digest | None = None
-    """Optional sha256 pin; a mismatch fails this adapter only."""
+    """Optional sha256 pin (the digest of the adapter's files, as in kubelora-manifest.json); a mismatch fails
+    this adapter only."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> AdapterSource:
         if (self.lora_job_ref is None) == (self.uri is None):
             raise ValueError(f"adapter {self.name!r}: set exactly one of loraJobRef or uri")
-        if self.uri is not None and self.uri.startswith("hf://"):
-            raise ValueError(f"adapter {self.name!r}: hf:// is for base models; use pvc://, s3://, https:// or file://")
         return self
 
 

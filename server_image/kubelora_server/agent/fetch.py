@@ -1,9 +1,18 @@
 """Copy an adapter from its URI into the local cache, verify it, and check it fits the deployment.
 
-Only the files the manifest lists are copied, each is re-hashed, and the copy is renamed into place as
-``<cache>/<name>-<digest12>`` only once it verifies. So a cache directory with that name always holds exactly
-the verified content (what the engine loads is what was checked), a half-copied adapter is never loaded, and
-a second fetch of the same digest (agent restart, engine restart) is answered from the cache.
+Two kinds of adapter folder are served:
+
+- with a KubeLoRA manifest (what a LoRAJob publishes): only the files the manifest lists are copied, each is
+  re-hashed, and a pinned digest must be the manifest's;
+- without one (from the Hub, or made elsewhere by peft's ``save_pretrained``): the reader lists the folder's
+  adapter files (:func:`kubelora_server.agent.stores.adapter_files`; by convention over https://), the agent
+  copies them, computes the digest itself with the same algorithm, enforces a pinned digest against it, and
+  records what it computed in the cache entry's manifest (``source`` says the agent wrote it).
+
+Either way the copy is renamed into place as ``<cache>/<name>-<digest12>`` only once it verifies. So a cache
+directory with that name always holds exactly the verified content (what the engine loads is what was
+checked), a half-copied adapter is never loaded, and a second fetch of the same digest (agent restart, engine
+restart) is answered from the cache.
 
 Blocking code: the runner calls it in a worker thread.
 """
@@ -19,110 +28,34 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
-from urllib.parse import quote
+from typing import Any
 
 from pydantic import ValidationError
 
 from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN
-from kubelora.api.digest import DigestMismatchError, check_files, digest_of
+from kubelora.api.common import now_rfc3339
+from kubelora.api.digest import DigestMismatchError, check_files, digest_of, hash_tree
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, DesiredAdapters
 from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, parse_uri
-from kubelora_server.agent.compat import check_compatible
+from kubelora_server.agent.compat import adapter_rank, check_compatible
 from kubelora_server.agent.state import Problem, Ready, Want
+from kubelora_server.agent.stores import (
+    CONFIG_FILE,
+    WEIGHT_FILES,
+    AdapterSource,
+    FsspecSource,
+    HttpsSource,
+    HubSource,
+    LocalSource,
+    adapter_files,
+)
 
+__all__ = ["AdapterSource", "FetchError", "FetchedAdapter", "HttpsSource", "HubSource", "LocalSource",
+           "collect_garbage", "fetch_adapter", "fetch_and_check", "open_source"]
 log = logging.getLogger(__name__)
-CONFIG_FILE = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-class SourceUnavailable(OSError):
-    """The source could not be read for a reason that may go away (network, server error)."""
-
-
-class AdapterSource(Protocol):
-    """Read access to the files of one adapter directory. Missing files raise FileNotFoundError."""
-
-    def read_bytes(self, rel: str) -> bytes: ...
-
-    def download(self, rel: str, dest: Path) -> None: ...
-
-
-@dataclass(frozen=True)
-class LocalSource:
-    """pvc:// (mounted at /mnt/pvc/<claim>) and file:// adapters."""
-
-    root: Path
-
-    def read_bytes(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
-
-    def download(self, rel: str, dest: Path) -> None:
-        shutil.copyfile(self.root / rel, dest)
-
-
-@dataclass(frozen=True)
-class FsspecSource:
-    """s3:// adapters through s3fs (credentials from the AWS_* environment the Secret provides)."""
-
-    fs: Any
-    root: str
-
-    def read_bytes(self, rel: str) -> bytes:
-        try:
-            return bytes(self.fs.cat_file(f"{self.root}/{rel}"))
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise SourceUnavailable(f"reading {self.root}/{rel}: {exc}") from exc
-
-    def download(self, rel: str, dest: Path) -> None:
-        try:
-            self.fs.get_file(f"{self.root}/{rel}", str(dest))
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise SourceUnavailable(f"downloading {self.root}/{rel}: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class HttpsSource:
-    """https:// adapters: no listing over HTTP, so each manifest file is read at ``<uri>/<file>``."""
-
-    base_url: str
-    timeout: float = 60.0
-
-    def _url(self, rel: str) -> str:
-        return self.base_url.rstrip("/") + "/" + quote(rel)
-
-    def read_bytes(self, rel: str) -> bytes:
-        import httpx
-
-        try:
-            resp = httpx.get(self._url(rel), timeout=self.timeout, follow_redirects=True)
-        except httpx.HTTPError as exc:
-            raise SourceUnavailable(f"GET {self._url(rel)}: {exc}") from exc
-        self._check(resp.status_code, rel)
-        return resp.content
-
-    def download(self, rel: str, dest: Path) -> None:
-        import httpx
-
-        try:
-            with httpx.stream("GET", self._url(rel), timeout=self.timeout, follow_redirects=True) as resp:
-                self._check(resp.status_code, rel)
-                with dest.open("wb") as fh:
-                    for chunk in resp.iter_bytes(1 << 20):
-                        fh.write(chunk)
-        except httpx.HTTPError as exc:
-            raise SourceUnavailable(f"GET {self._url(rel)}: {exc}") from exc
-
-    def _check(self, status: int, rel: str) -> None:
-        if status in (404, 410):
-            raise FileNotFoundError(self._url(rel))
-        if status >= 400:
-            raise SourceUnavailable(f"GET {self._url(rel)}: HTTP {status}")
+AGENT_SOURCE = "kubelora-agent"
+"""``source`` of a manifest the agent wrote for an adapter that came without one."""
 
 
 def open_source(uri: str) -> AdapterSource:
@@ -142,8 +75,7 @@ def open_source(uri: str) -> AdapterSource:
     if isinstance(parsed, HttpsURI):
         return HttpsSource(parsed.url)
     assert isinstance(parsed, HfURI)
-    raise FetchError(Problem(Reason.FETCH_FAILED, f"{uri}: hf:// is for base models; adapters come from "
-                             "pvc://, s3://, https:// or file://", permanent=True))
+    return HubSource(parsed.repo, parsed.revision)
 
 
 class FetchError(Exception):
@@ -159,6 +91,11 @@ class FetchedAdapter:
     path: Path
     manifest: AdapterManifest
     config: dict[str, Any]
+
+    @property
+    def has_own_manifest(self) -> bool:
+        """False for an adapter that came without a manifest (the agent wrote the cached one)."""
+        return not self.manifest.source.startswith(AGENT_SOURCE)
 
 
 def cache_dir_name(name: str, digest: str) -> str:
@@ -261,8 +198,7 @@ def fetch_adapter(want: Want, cache_dir: Path,
     try:
         raw = source.read_bytes(MANIFEST_FILE)
     except FileNotFoundError:
-        raise FetchError(Problem(Reason.MANIFEST_INVALID, f"{where}/{MANIFEST_FILE} does not exist: the adapter "
-                                 "is missing or not completely written", permanent=True)) from None
+        return _fetch_plain(want, cache_dir, source, where)
     except OSError as exc:
         raise FetchError(Problem(Reason.FETCH_FAILED, f"cannot read {where}: {exc}")) from None
     manifest = parse_manifest(raw, where)
@@ -276,16 +212,7 @@ def fetch_adapter(want: Want, cache_dir: Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{want.name}-", dir=cache_dir))
     try:
         (tmp / MANIFEST_FILE).write_bytes(raw)
-        for rel in manifest.files:
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                source.download(rel, dest)
-            except FileNotFoundError:
-                raise FetchError(Problem(Reason.MANIFEST_INVALID, f"{where}/{rel} is listed in {MANIFEST_FILE} "
-                                         "but does not exist", permanent=True)) from None
-            except OSError as exc:
-                raise FetchError(Problem(Reason.FETCH_FAILED, f"cannot copy {where}/{rel}: {exc}")) from None
+        _copy(source, list(manifest.files), tmp, where, MANIFEST_FILE)
         try:
             check_files(tmp, manifest.files, manifest.digest)
         except DigestMismatchError as exc:
@@ -301,6 +228,69 @@ def fetch_adapter(want: Want, cache_dir: Path,
     return FetchedAdapter(final, manifest, config)
 
 
+def _copy(source: AdapterSource, rels: list[str], tmp: Path, where: str, listed_in: str) -> None:
+    for rel in rels:
+        dest = tmp / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            source.download(rel, dest)
+        except FileNotFoundError:
+            raise FetchError(Problem(Reason.MANIFEST_INVALID, f"{where}/{rel} is listed in {listed_in} but does "
+                                     "not exist", permanent=True)) from None
+        except OSError as exc:
+            raise FetchError(Problem(Reason.FETCH_FAILED, f"cannot copy {where}/{rel}: {exc}")) from None
+
+
+def _agent_manifest(files: dict[str, str], size: int, config: dict[str, Any], uri: str) -> AdapterManifest:
+    targets = config.get("target_modules")
+    return AdapterManifest(
+        digest=digest_of(files), files=files, size_bytes=size,
+        base_model=str(config.get("base_model_name_or_path") or ""), peft_type=str(config.get("peft_type") or ""),
+        rank=adapter_rank(config), lora_alpha=float(config.get("lora_alpha") or 0),
+        target_modules=sorted(targets) if isinstance(targets, list) else str(targets or ""),
+        method="lora", created_at=now_rfc3339(), source=f"{AGENT_SOURCE}: computed from {uri} (no manifest there)")
+
+
+def _fetch_plain(want: Want, cache_dir: Path, source: AdapterSource, where: str) -> FetchedAdapter:
+    """An adapter folder without a manifest: copy its adapter files, digest them here, enforce the pin."""
+    missing = ""
+    try:
+        rels = adapter_files(source.list_files())
+    except FileNotFoundError as exc:
+        rels, missing = [], f" ({exc})"
+    except OSError as exc:
+        raise FetchError(Problem(Reason.FETCH_FAILED, f"cannot list {where}: {exc}")) from None
+    if CONFIG_FILE not in rels or not any(w in rels for w in WEIGHT_FILES):
+        raise FetchError(Problem(Reason.MANIFEST_INVALID, f"{where} holds no adapter: neither {MANIFEST_FILE} nor "
+                                 f"{CONFIG_FILE} with {' or '.join(WEIGHT_FILES)}{missing}; the adapter is missing "
+                                 "or not completely written", permanent=True))
+    if all(w in rels for w in WEIGHT_FILES):
+        rels.remove("adapter_model.bin")  # what vLLM and peft load when both exist; never two sets of weights
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{want.name}-", dir=cache_dir))
+    try:
+        _copy(source, rels, tmp, where, "the folder's listing")
+        files = hash_tree(tmp)
+        digest = digest_of(files)
+        if want.pin and digest != want.pin:
+            raise FetchError(Problem(Reason.DIGEST_MISMATCH, f"pinned digest {want.pin} but the files at {where} "
+                                     f"({', '.join(sorted(files))}) hash to {digest}", permanent=True))
+        config = _read_config(tmp)
+        manifest = _agent_manifest(files, sum((tmp / rel).stat().st_size for rel in files), config, want.uri)
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+        final = cache_path(cache_dir, want.name, digest)
+        cached = load_cached(final, digest)
+        if cached is not None:
+            return cached
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s has no %s: served by the digest of its files, %s", where, MANIFEST_FILE, digest)
+    return FetchedAdapter(final, manifest, config)
+
+
 def fetch_and_check(want: Want, desired: DesiredAdapters, cache_dir: Path,
                     open_source: Callable[[str], AdapterSource] = open_source) -> Ready | Problem:
     """The runner's fetch job: a verified copy that passed the compatibility checks, or why not."""
@@ -311,7 +301,8 @@ def fetch_and_check(want: Want, desired: DesiredAdapters, cache_dir: Path,
     except Exception as exc:  # anything unexpected is this adapter's problem, never the agent's crash
         log.exception("fetching %s failed", want.name)
         return Problem(Reason.FETCH_FAILED, f"{type(exc).__name__}: {exc}")
-    bad = check_compatible(fetched.config, fetched.manifest, desired.base_model, desired.max_lora_rank)
+    own = fetched.manifest if fetched.has_own_manifest else None
+    bad = check_compatible(fetched.config, own, desired.base_model, desired.max_lora_rank)
     if bad is not None:
         return Problem(bad.reason, bad.message, permanent=True)
     return Ready(str(fetched.path), fetched.manifest.digest)
