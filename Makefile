@@ -44,7 +44,7 @@ generate: $(STAMP)
 
 # The README's test command: every tier (unit, integration with real torch/peft/trl, e2e on a real
 # Kubernetes v1.37 cluster that is built from Go modules once and cached in ~/.cache/kubelora).
-test: lint cluster-build prometheus checkov
+test: lint image-deps cluster-build prometheus checkov
 	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e tests/reliability -q -rfEs --durations=15
 
 test-unit: $(STAMP) checkov
@@ -59,6 +59,15 @@ test-e2e: cluster-build prometheus
 # Faults (operator killed per phase, API server restart, full disk, S3 down) on the same local cluster.
 test-reliability: cluster-build
 	$(BIN)/python -m pytest tests/reliability -q -rfEs
+
+# What ships is what is tested: each image's Python set (vLLM's, KubeLoRA's venv beside it, the trainer's)
+# resolved from PyPI metadata for the image's Python and platform; a conflict fails (kubelora_local.image_deps).
+UV_VERSION := 0.13.9
+$(BIN)/uv: $(STAMP)
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
+
+image-deps: $(BIN)/uv
+	$(BIN)/python -m kubelora_local.image_deps
 
 # The e2e tests scrape the operator with a real Prometheus: Debian's package, installed when missing (as root,
 # like the rest of `make test`). Its service is left stopped; the tests start their own on a free port.
