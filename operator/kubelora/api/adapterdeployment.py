@@ -7,8 +7,9 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubelora.api.cel import Rule, cel
-from kubelora.api.common import AnyUri, ApiModel, Condition, Digest, Resources, SecretName
+from kubelora.api.common import AnyUri, ApiModel, Condition, Digest, Resources, SecretName, UriField
 from kubelora.api.reasons import DeploymentPhase
+from kubelora.api.uris import ADAPTER_SCHEMES
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 ADAPTER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$"
@@ -90,10 +91,10 @@ class AdapterSource(ApiModel):
     """The model name clients send to /v1/chat/completions to use this adapter."""
     lora_job_ref: LoRAJobRef | None = None
     """Serve the adapter a LoRAJob published; set this or uri."""
-    uri: AnyUri | None = None
-    """An adapter folder: pvc://, s3://, https://, file://, or hf://org/name[@revision] (a Hub repository). With
-    no kubelora-manifest.json the adapter's files are read as peft wrote them (https: adapter_config.json and
-    adapter_model.safetensors) and the agent computes the digest."""
+    uri: UriField(*ADAPTER_SCHEMES) | None = None  # type: ignore[valid-type]
+    """An adapter folder: pvc://, s3://, https://, file://, hf://org/name[@revision] (a Hub repository) or
+    oci://registry/repo[:tag|@sha256:...] (an artifact with one layer per file, as oras push writes it). With no
+    kubelora-manifest.json the adapter's files are read as peft wrote them and the agent computes the digest."""
     digest: Digest | None = None
     """Optional sha256 pin (the digest of the adapter's files, as in kubelora-manifest.json); a mismatch fails
     this adapter only."""

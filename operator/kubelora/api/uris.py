@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Literal
 
-Scheme = Literal["pvc", "s3", "https", "hf", "file"]
+Scheme = Literal["pvc", "s3", "https", "hf", "file", "oci"]
 ALL_SCHEMES: tuple[Scheme, ...] = ("pvc", "s3", "https", "hf", "file")
+"""Schemes of models, datasets and adapters."""
+ADAPTER_SCHEMES: tuple[Scheme, ...] = (*ALL_SCHEMES, "oci")
+"""Adapters may also be OCI artifacts (only the adapter agent reads those)."""
 PVC_ROOT_ENV = "KUBELORA_PVC_ROOT"
 DEFAULT_PVC_ROOT = "/mnt/pvc"
 
@@ -23,6 +26,10 @@ _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _HF_REVISION = re.compile(r"^[\w./-]+$")
+_OCI_REGISTRY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
+_OCI_REPOSITORY = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+_OCI_TAG = re.compile(r"^[\w][\w.-]{0,127}$")
+_OCI_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class URIError(ValueError):
@@ -130,7 +137,22 @@ class FileURI:
         return FileURI("/".join([self.path.rstrip("/"), *parts]))
 
 
-ArtifactURI = PvcURI | S3URI | HttpsURI | HfURI | FileURI
+@dataclass(frozen=True)
+class OciURI:
+    """``oci://<registry>/<repository>[:<tag>|@sha256:<digest>]``: an OCI artifact whose layers are the
+    adapter's files (as ``oras push`` writes them); the tag defaults to ``latest``."""
+
+    registry: str
+    repository: str
+    reference: str = "latest"
+    scheme: Literal["oci"] = "oci"
+
+    def __str__(self) -> str:
+        sep = "@" if self.reference.startswith("sha256:") else ":"
+        return f"oci://{self.registry}/{self.repository}{sep}{self.reference}"
+
+
+ArtifactURI = PvcURI | S3URI | HttpsURI | HfURI | FileURI | OciURI
 WritableURI = PvcURI | S3URI | FileURI
 
 
@@ -168,9 +190,29 @@ def parse_uri(value: str, allowed: tuple[Scheme, ...] = ALL_SCHEMES) -> Artifact
         if revision and not _HF_REVISION.match(revision):
             raise URIError(f"{value!r}: revision {revision!r} is not a valid git revision")
         return HfURI(repo, revision or None)
+    if scheme == "oci":
+        return _parse_oci(value, rest)
     if not rest.startswith("/"):
         raise URIError(f"{value!r}: file URIs need an absolute path, e.g. file:///data/model")
     return FileURI("/" + _clean_path(rest, value))
+
+
+def _parse_oci(value: str, rest: str) -> OciURI:
+    registry, _, name = rest.partition("/")
+    reference = "latest"
+    if "@" in name:
+        name, _, reference = name.partition("@")
+        if not _OCI_DIGEST.match(reference):
+            raise URIError(f"{value!r}: {reference!r} is not a sha256 digest (oci://registry/repo@sha256:<64 hex>)")
+    elif ":" in name.rsplit("/", 1)[-1]:
+        name, _, reference = name.rpartition(":")
+        if not _OCI_TAG.match(reference):
+            raise URIError(f"{value!r}: tag {reference!r} is not a valid OCI tag")
+    if not _OCI_REGISTRY.match(registry) or "@" in registry:
+        raise URIError(f"{value!r}: needs a registry host (no inline credentials), e.g. oci://ghcr.io/org/adapter:v1")
+    if not _OCI_REPOSITORY.match(name):
+        raise URIError(f"{value!r}: {name!r} is not a valid repository (lowercase, '/'-separated)")
+    return OciURI(registry, name, reference)
 
 
 def is_dns1123_label(name: str) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 from kubelora.api.common import Resources
 from kubelora.api.meta import ObjectRef
-from kubelora.api.uris import DEFAULT_PVC_ROOT, S3URI, HfURI, PvcURI, parse_uri
+from kubelora.api.uris import ADAPTER_SCHEMES, DEFAULT_PVC_ROOT, S3URI, HfURI, PvcURI, parse_uri
 
 Manifest = dict[str, Any]
 APP_LABEL = "app.kubernetes.io/name"
@@ -79,7 +79,8 @@ def claim_volume_name(claim: str) -> str:
 
 def pvc_claims(uris: Iterable[str | None]) -> list[str]:
     """Claims the pod must mount, in a stable order, so the pod template does not churn."""
-    claims = {parsed.claim for uri in uris if uri for parsed in [parse_uri(uri)] if isinstance(parsed, PvcURI)}
+    claims = {parsed.claim for uri in uris if uri for parsed in [parse_uri(uri, ADAPTER_SCHEMES)]
+              if isinstance(parsed, PvcURI)}
     return sorted(claims)
 
 

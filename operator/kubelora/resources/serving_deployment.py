@@ -92,11 +92,17 @@ def engine_env(spec: AdapterDeploymentSpec) -> list[Manifest]:
     )
 
 
+OCI_KEYS = ("OCI_USERNAME", "OCI_PASSWORD")
+"""Registry credentials for oci:// adapters (the agent's token handshake), optional keys of the same Secret."""
+
+
 def agent_env(spec: AdapterDeploymentSpec) -> list[Manifest]:
     """The agent fetches adapters; it gets every credential key of the base model's Secret (all optional),
     because a per-adapter Secret would make the adapter list a template input."""
     secret = spec.base_model.credentials_secret_ref
-    return merge_env(pod_ip_env(), scratch_env(), credential_env("file:///", secret))
+    registry = [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+                for key in OCI_KEYS] if secret else []
+    return merge_env(pod_ip_env(), scratch_env(), credential_env("file:///", secret), registry)
 
 
 def _cache_mounts(read_only: bool) -> list[Manifest]:

@@ -37,7 +37,7 @@ from kubelora.api.common import now_rfc3339
 from kubelora.api.digest import DigestMismatchError, check_files, digest_of, hash_tree
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import MANIFEST_FILE, AdapterManifest, DesiredAdapters
-from kubelora.api.uris import S3URI, FileURI, HfURI, HttpsURI, PvcURI, URIError, parse_uri
+from kubelora.api.uris import ADAPTER_SCHEMES, S3URI, FileURI, HfURI, HttpsURI, OciURI, PvcURI, URIError, parse_uri
 from kubelora_server.agent.compat import adapter_rank, check_compatible
 from kubelora_server.agent.state import Problem, Ready, Want
 from kubelora_server.agent.stores import (
@@ -61,7 +61,7 @@ AGENT_SOURCE = "kubelora-agent"
 def open_source(uri: str) -> AdapterSource:
     """The reader for ``uri``; raises :class:`FetchError` for URIs an adapter cannot come from."""
     try:
-        parsed = parse_uri(uri)
+        parsed = parse_uri(uri, ADAPTER_SCHEMES)
     except URIError as exc:
         raise FetchError(Problem(Reason.FETCH_FAILED, str(exc), permanent=True)) from None
     if isinstance(parsed, PvcURI | FileURI):
@@ -74,6 +74,10 @@ def open_source(uri: str) -> AdapterSource:
         return FsspecSource(fsspec.filesystem("s3", **kwargs), f"{parsed.bucket}/{parsed.key}".rstrip("/"))
     if isinstance(parsed, HttpsURI):
         return HttpsSource(parsed.url)
+    if isinstance(parsed, OciURI):
+        from kubelora_server.agent.oci import OciSource
+
+        return OciSource(parsed.registry, parsed.repository, parsed.reference)
     assert isinstance(parsed, HfURI)
     return HubSource(parsed.repo, parsed.revision)
 

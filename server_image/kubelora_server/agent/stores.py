@@ -5,7 +5,7 @@ file into the cache, and, for adapters that have no KubeLoRA manifest, which fil
 Listing is the scheme's own: a directory walk (pvc://, file://), an object listing (s3://), the repository's
 file list at one commit (hf://), the layers of the artifact (oci://). Plain HTTP has no listing, so an https://
 adapter without a manifest is, by peft's convention, ``adapter_config.json`` plus ``adapter_model.safetensors``
-(or ``adapter_model.bin`` when there is no safetensors file).
+(or ``adapter_model.bin`` when there is no safetensors file). The OCI reader is in :mod:`.oci`.
 
 A missing file raises :class:`FileNotFoundError`; a failure that may go away (network, server error)
 :class:`SourceUnavailable`. Blocking code: the runner calls it in a worker thread.
