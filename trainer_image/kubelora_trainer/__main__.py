@@ -69,6 +69,11 @@ def load_config(path: str) -> TrainerRunConfig:
 def result_json(result: TrainerResult) -> str:
     """One JSON line that fits in a termination message (the message is shortened, never the structure)."""
     text = json.dumps(result.wire(), separators=(",", ":"), sort_keys=True)
+    # Generated samples are the least needed part (they are in the model card too): drop them first.
+    while len(text.encode()) > TERMINATION_LIMIT and result.evaluation is not None and result.evaluation.samples:
+        fewer = result.evaluation.model_copy(update={"samples": result.evaluation.samples[:-1]})
+        result = result.model_copy(update={"evaluation": fewer})
+        text = json.dumps(result.wire(), separators=(",", ":"), sort_keys=True)
     if len(text.encode()) > TERMINATION_LIMIT:
         over = len(text.encode()) - TERMINATION_LIMIT + 20
         short = result.model_copy(update={"message": result.message[: max(0, len(result.message) - over)] + " [...]"})

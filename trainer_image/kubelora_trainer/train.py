@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubelora.api.evaluation import EvaluationResult, metrics_of
 from kubelora.api.reasons import Reason
 from kubelora.api.runtime import TrainerResult, TrainerRunConfig, ValidationStats
 from kubelora_trainer import distributed as dist
@@ -46,6 +47,8 @@ class Preflight:
     tokenizer: Any
     model_ref: ModelRef
     loss: LossPlan
+    references: list[Any] = field(default_factory=list)
+    """spec.evaluation's reference answers (inline and referencesUri), read and checked before training."""
 
 
 @dataclass
@@ -77,8 +80,11 @@ def preflight(run: TrainerRunConfig, tokenizer_only: bool = True) -> Preflight:
     stats, splits = validate_splits(tokenizer, splits, spec.training.max_seq_length, loss)
     gpu_memory = memory.quantity_bytes(spec.resources.gpu_memory) if spec.resources.gpu_memory else None
     check_memory(run, ref, gpu_memory)
+    from kubelora_trainer.evaluate import load_references
+
+    references = load_references(spec.evaluation)
     log.info("pre-flight passed in %.1fs: %s", time.monotonic() - t0, stats.model_dump_json(by_alias=True))
-    return Preflight(splits, stats, tokenizer, ref, loss)
+    return Preflight(splits, stats, tokenizer, ref, loss, references)
 
 
 def model_shape(ref: ModelRef) -> memory.ModelShape | None:
@@ -321,8 +327,8 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
     metrics = _metrics(trainer, output, train_seconds, resume.step if resume else 0)
     if spec.method == "qlora":
         metrics["base_linear4bit_layers"] = float(n4)
-    if pre.splits.eval:
-        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    evaluation = _evaluate(run, trainer, pre)
+    metrics.update(metrics_of(evaluation))
     changed_tokenizer = len(pre.tokenizer) != vocab_before
     # FSDP: every rank takes part in gathering the full adapter; rank 0 alone writes the standard peft files.
     state_dict = dist.full_state_dict(trainer.model) if strategy == "fsdp" and rank.distributed else None
@@ -336,7 +342,15 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
     merged = dist.broadcast(ensure_merged(run, info) if rank.is_main else None, rank)
     return TrainerResult(ok=True, reason=Reason.COMPLETED.value,
                          message=f"trained {int(metrics.get('global_step', 0))} steps; adapter {info.uri}",
-                         adapter=info, merged=merged, metrics=metrics, validation=pre.stats)
+                         adapter=info, merged=merged, metrics=metrics, validation=pre.stats,
+                         evaluation=evaluation)
+
+
+def _evaluate(run: TrainerRunConfig, trainer: Any, pre: Preflight) -> EvaluationResult:
+    """Adapter vs base on the held-out set and the references (:mod:`kubelora_trainer.evaluate`)."""
+    from kubelora_trainer.evaluate import evaluate
+
+    return evaluate(trainer, pre.tokenizer, run.spec.evaluation, pre.splits.eval, pre.references)
 
 
 def _metrics(trainer: Any, output: Any, train_seconds: float, resumed_from: int) -> dict[str, float]:

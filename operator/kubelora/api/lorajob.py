@@ -17,12 +17,13 @@ from kubelora.api.common import (
     SecretName,
     UriField,
 )
+from kubelora.api.evaluation import EvaluationResult, EvaluationSpec
 from kubelora.api.merged import MergedModelInfo, MergedOutputSpec
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 DEFAULT_EVAL_SPLIT = 0.1
 TERMINAL = (JobPhase.SUCCEEDED, JobPhase.FAILED)
-TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training")
+TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training", "evaluation")
 """The LoRAJobSpec fields that define what is trained: frozen while a run is in progress."""
 
 EVAL_SPLIT_XOR_URI = Rule("!has(self.evalUri) || !has(self.evalSplit) || self.evalSplit == 0.0",
@@ -222,6 +223,8 @@ class LoRAJobSpec(ApiModel):
     """qlora only; defaults to nf4 + double quant + bfloat16 compute."""
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     """Hyperparameters; frozen while a run is in progress."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Held-out metrics for the adapter and the base, reference answers and the promotion gate."""
     resources: TrainingResources = Field(default_factory=TrainingResources)
     """GPUs, nodes, requests, limits and placement of the training pods."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
@@ -367,6 +370,11 @@ class LoRAJobStatus(ApiModel):
     """The adapter of this revision, once published."""
     last_succeeded_adapter: AdapterInfo | None = None
     """The newest adapter any revision published; kept while a retrain runs or fails, so serving can stay on it."""
+    promoted_adapter: AdapterInfo | None = None
+    """The newest adapter that passed spec.evaluation.gate (every published one without a gate): what an
+    AdapterDeployment following this LoRAJob serves."""
+    evaluation: EvaluationResult | None = None
+    """What evaluation measured for this revision: adapter vs base, reference similarity, samples, the gate."""
     merged: MergedModelInfo | None = None
     """The merged model of this revision (spec.output.merged), once published."""
     message: str | None = None

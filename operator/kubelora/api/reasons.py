@@ -55,6 +55,11 @@ class ConditionType(StrEnum):
     """AdapterDeployment: pods or adapters are still converging."""
     DEGRADED = "Degraded"
     """AdapterDeployment: serving, but some adapter or replica failed."""
+    PROMOTED = "Promoted"
+    """LoRAJob: this revision's adapter passed spec.evaluation.gate (or there is none) and is status.promotedAdapter,
+    what AdapterDeployments following the LoRAJob serve."""
+    LOSS_SPIKE = "LossSpike"
+    """LoRAJob, abnormal-true: the training loss jumped well above its recent values (learning rate too high?)."""
 
 
 class Reason(StrEnum):
@@ -90,6 +95,19 @@ class Reason(StrEnum):
     """Succeeded=False: the trainer exited with an error it reported."""
     JOB_REMOVED = "JobRemoved"
     """Succeeded=False: the training Job disappeared before it finished."""
+    GATE_PASSED = "GatePassed"
+    """Promoted=True: the evaluation met every bound of spec.evaluation.gate."""
+    NO_GATE = "NoGate"
+    """Promoted=True: spec.evaluation has no gate, so every published adapter is promoted."""
+    GATE_FAILED = "GateFailed"
+    """Promoted=False: the run succeeded, but its evaluation missed spec.evaluation.gate; the adapter is published
+    and serving stays on status.promotedAdapter. A Warning Event says which bound was missed."""
+    NOT_EVALUATED = "NotEvaluated"
+    """Promoted=Unknown while the run works, False when it failed: there is no evaluated adapter to promote."""
+    LOSS_SPIKED = "LossSpiked"
+    """LossSpike=True: a logged training loss exceeded the median of the previous ones by the spike factor."""
+    LOSS_STEADY = "LossSteady"
+    """LossSpike=False: no spike seen in this revision so far."""
     QUEUED = "Queued"
     """Reconciling=True: Kueue holds the training Job until its ClusterQueue has quota."""
     UNSCHEDULABLE = "Unschedulable"

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN, AdapterState
 from kubelora.api.common import ApiModel, Digest
+from kubelora.api.evaluation import EvaluationResult
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
 from kubelora.api.merged import MergedModelInfo
 
@@ -58,6 +59,8 @@ class TrainerResult(ApiModel):
     """The merged model, when spec.output.merged asked for one."""
     metrics: dict[str, float] = Field(default_factory=dict)
     validation: ValidationStats | None = None
+    evaluation: EvaluationResult | None = None
+    """Adapter vs base on the held-out set and the references, with the gate's verdict."""
 
 
 class AdapterManifest(ApiModel):

@@ -274,6 +274,8 @@ class Reconciler:
             return False
         if plan.transitioned:
             post_transition(ref, plan)
+        for reason, message in plan.warnings:
+            warn(ref, reason, message)
         return True
 
     async def _patch_status(self, ref: ObjectRef, patch: Mapping[str, Any]) -> bool:

@@ -4,8 +4,10 @@ A ``uri`` adapter is passed through. A ``loraJobRef`` adapter is served from the
 ``status.adapter``: while the job has none yet the adapter is Pending (LoRAJobNotReady), a failed or missing
 job fails only that adapter, and a new successful run (a new digest) rolls the adapter forward by changing
 only the ConfigMap. A job that is retrained keeps being served from the adapter it published before (found
-in the deployment's own status, under that job's output URI) until the new one is published, and a failed
-retraining does not take the last good adapter away: both show as a reason on the still-served adapter.
+in the deployment's own status, under that job's output URI, or the job's ``status.promotedAdapter``) until
+the new one is published, and a failed retraining does not take the last good adapter away: both show as a
+reason on the still-served adapter. A retraining that succeeds but misses ``spec.evaluation.gate`` is not
+served either (the LoRAJob's Promoted=False): the deployment keeps the promoted adapter, noted GateFailed.
 Checks that need nothing but the LoRAJob status (digest pin, peft type, rank, count) are decided here, so
 a bad adapter never reaches the pods; the rest (files, base model) is the agent's.
 """
@@ -36,24 +38,43 @@ class JobView:
     adapter: AdapterInfo | None = None
     output_uri: str | None = None
     message: str = ""
+    promoted: AdapterInfo | None = None
+    """``status.promotedAdapter``: the newest adapter that passed the LoRAJob's evaluation gate."""
+    not_promoted: str = ""
+    """The Promoted=False message of a run that succeeded but missed its gate (its adapter is not served)."""
+
+
+def _adapter_info(raw: Any) -> AdapterInfo | None:
+    if not raw:
+        return None
+    try:
+        return AdapterInfo.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def job_view(body: Mapping[str, Any]) -> JobView:
-    """Reduce a LoRAJob object to a JobView; a malformed status.adapter counts as no adapter."""
+    """Reduce a LoRAJob object to a JobView; a malformed adapter counts as no adapter.
+
+    The adapter a deployment follows is the one the LoRAJob promoted: a run that succeeded but missed its
+    evaluation gate offers no adapter (``not_promoted`` says why), and the promoted one stays available.
+    A status written before promotion existed (no Promoted condition) offers ``status.adapter`` as before.
+    """
     status = body.get("status") or {}
-    adapter = None
-    if status.get("adapter"):
-        try:
-            adapter = AdapterInfo.model_validate(status["adapter"])
-        except ValidationError:
-            adapter = None
+    adapter = _adapter_info(status.get("adapter"))
     phase = str(status.get("phase") or JobPhase.PENDING)
+    gate = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.PROMOTED), None)
+    not_promoted = ""
+    if gate is not None and gate.get("status") == "False" and phase == JobPhase.SUCCEEDED:
+        adapter, not_promoted = None, str(gate.get("message") or "its adapter missed the evaluation gate")
     return JobView(
         name=body["metadata"]["name"],
         phase=phase,
         adapter=adapter,
         output_uri=((body.get("spec") or {}).get("output") or {}).get("uri"),
         message=_job_message(status, phase),
+        promoted=_adapter_info(status.get("promotedAdapter")),
+        not_promoted=not_promoted,
     )
 
 
@@ -109,6 +130,17 @@ def _kept(source: AdapterSource, job: JobView, previous: AdapterStatus | None) -
     return ResolvedAdapter(source.name, uri=previous.uri, digest=previous.digest, claim_uri=previous.uri)
 
 
+def _promoted(source: AdapterSource, job: JobView, spec: AdapterDeploymentSpec) -> ResolvedAdapter | None:
+    """The LoRAJob's promoted adapter, when this deployment may serve it (pin, output, peft type, rank)."""
+    info = job.promoted
+    if info is None or not job.output_uri or not is_within(info.uri, job.output_uri):
+        return None
+    if (source.digest and source.digest != info.digest) or info.peft_type.upper() != "LORA" \
+            or info.rank > spec.vllm.max_lora_rank:
+        return None
+    return ResolvedAdapter(source.name, uri=info.uri, digest=info.digest, claim_uri=info.uri)
+
+
 def _noted(kept: ResolvedAdapter, reason: Reason, message: str) -> ResolvedAdapter:
     return ResolvedAdapter(kept.name, uri=kept.uri, digest=kept.digest, reason=reason, message=message,
                            claim_uri=kept.claim_uri)
@@ -121,7 +153,12 @@ def _from_job(source: AdapterSource, job: JobView | None, spec: AdapterDeploymen
     if job is None:
         return _failed(source, Reason.LORAJOB_NOT_FOUND, f"LoRAJob {ref!r} does not exist in this namespace")
     info = job.adapter
-    kept = _kept(source, job, previous) if info is None else None
+    kept = (_kept(source, job, previous) or _promoted(source, job, spec)) if info is None else None
+    if info is None and job.not_promoted:
+        if kept is not None:
+            return _noted(kept, Reason.GATE_FAILED, f"LoRAJob {ref!r}: {job.not_promoted}")
+        return _pending(source, Reason.GATE_FAILED, f"LoRAJob {ref!r}: {job.not_promoted}; waiting for an adapter "
+                        "that passes the gate", job.output_uri)
     if job.phase == JobPhase.FAILED:
         detail = f": {job.message}" if job.message else ""
         if kept is not None:

@@ -36,6 +36,7 @@ from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob_actions import Action, Delete
 from kubelora.reconcile.lorajob_object import LoRAJobObject, clip
 from kubelora.reconcile.lorajob_observed import Observed
+from kubelora.reconcile.lorajob_promotion import gate_failure_event, with_promoted
 from kubelora.reconcile.lorajob_run import RunInput, RunStep, advance
 from kubelora.reconcile.lorajob_status import (
     TERMINAL,
@@ -62,6 +63,8 @@ class Plan:
     old_phase: str | None = None
     requeue: bool = False
     """Reconcile again at once: a run just ended and a pending spec change starts the next one."""
+    warnings: tuple[tuple[str, str], ...] = ()
+    """(reason, message) of Warning Events to post once the status is written (a run that was not promoted)."""
 
     @property
     def phase(self) -> str:
@@ -143,7 +146,8 @@ def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConf
         if old.revision is not None and not_started:
             actions.append(Delete("batch/v1", "Job", validation_job_name(job.ref.name, old.revision)))
         status = LoRAJobStatus(revision=generation, conditions=old.conditions,
-                               last_succeeded_adapter=old.last_succeeded_adapter)
+                               last_succeeded_adapter=old.last_succeeded_adapter,
+                               promoted_adapter=old.promoted_adapter)
         trained, changes = spec, []
         if progress is not None:
             progress_patch["progress"] = None
@@ -170,10 +174,13 @@ def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConf
     new = status.model_copy(update={
         **step.updates, "phase": outcome.phase, "observed_generation": generation, "message": outcome.message,
         "conditions": conditions(status.conditions, outcome, drift, generation, now)})
+    new = with_promoted(new, generation, now)
     wire = new.wire()
     if outcome.phase == JobPhase.SUCCEEDED and progress is not None and progress.get("percent") != 100:
         progress_patch["progress"] = {"percent": 100}
     finished_now = outcome.phase in TERMINAL and old.phase not in TERMINAL
+    not_promoted = gate_failure_event(new) if finished_now else None
     return Plan(status=wire, patch={**status_patch(raw_status, wire), **progress_patch},
                 actions=(*actions, *step.actions), old_phase=raw_status.get("phase"),
-                requeue=finished_now and bool(changes) and spec is not None)
+                requeue=finished_now and bool(changes) and spec is not None,
+                warnings=(not_promoted,) if not_promoted else ())

@@ -21,6 +21,7 @@ from kubelora.api.uris import is_within
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete, Suspend
 from kubelora.reconcile.lorajob_object import clip
 from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState
+from kubelora.reconcile.lorajob_promotion import promotion_updates
 from kubelora.reconcile.lorajob_status import (
     PREFLIGHT_REASONS,
     VALIDATION_PASSED_MESSAGE,
@@ -127,6 +128,7 @@ def _finished(run: RunInput, job: JobState, verdict: Verdict) -> RunStep:
                            f"{run.spec.output.uri}: not published")
             return RunStep(Outcome(JobPhase.FAILED, Reason.ADAPTER_OUTSIDE_OUTPUT, message, verdict), updates)
         if adapter is not None:
+            updates.update(promotion_updates(adapter, result, run.spec))
             updates["adapter"] = adapter
             updates["last_succeeded_adapter"] = adapter
             merged = result.merged if result is not None and result.ok else None
