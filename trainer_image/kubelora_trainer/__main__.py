@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> tuple[int, TrainerResult]:
         log.info("lorajob %s/%s revision %d: %s", config.namespace, config.name, config.revision,
                  "validate only" if args.validate_only else f"train ({config.spec.method})")
         _quiet_libraries()
+        if config.spec.combine is not None:  # no training: one process, whatever spec.resources says
+            from kubelora_trainer import combine
+
+            return EXIT_OK, combine.validate_only(config) if args.validate_only else combine.combine(config)
         plan = distributed.world_plan(config.spec)
         if not args.validate_only and plan.world_size > 1 and not distributed.is_worker():
             return launch(args, config, plan)

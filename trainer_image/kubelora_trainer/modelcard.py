@@ -47,6 +47,16 @@ def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
+def _combined_from(run: TrainerRunConfig) -> dict[str, Any]:
+    """A combined adapter's "dataset": the method and each input adapter (uri, pinned digest, weight)."""
+    combine = run.spec.combine
+    assert combine is not None
+    rows: dict[str, Any] = {"combined by": f"{combine.method} (density {combine.density:g})"}
+    for i, item in enumerate(run.combine_inputs, 1):
+        rows[f"input {i}"] = f"{item.uri} {item.digest or ''} weight {item.weight:g}"
+    return rows
+
+
 def render_card(run: TrainerRunConfig, config: Mapping[str, Any], metrics: Mapping[str, float],
                 dataset_digest: str) -> str:
     """The card for the adapter of ``run``; ``config`` is the adapter_config.json as published."""
@@ -73,10 +83,11 @@ def render_card(run: TrainerRunConfig, config: Mapping[str, Any], metrics: Mappi
         "packing": t.packing, "optimizer": t.optimizer, "seed": t.seed,
         "nodes x gpus": f"{spec.resources.nodes} x {spec.resources.gpus}",
     })
-    dataset: dict[str, Any] = {"uri": spec.dataset.uri, "digest": dataset_digest or "unknown",
-                               "format": spec.dataset.format}
-    if spec.dataset.eval_uri:
-        dataset["evalUri"] = spec.dataset.eval_uri
+    data = spec.dataset
+    dataset: dict[str, Any] = ({"uri": data.uri, "digest": dataset_digest or "unknown", "format": data.format}
+                               if data is not None else _combined_from(run))
+    if data is not None and data.eval_uri:
+        dataset["evalUri"] = data.eval_uri
     load_from = base_repo or loaded or spec.base_model.uri
     lines = [
         _front_matter(base_repo),

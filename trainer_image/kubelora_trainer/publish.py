@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,9 @@ def write_card(dest: Path, run: TrainerRunConfig, metrics: dict[str, float], dat
     (dest / CARD_FILE).write_text(render_card(run, cfg, metrics, dataset_digest), encoding="utf-8")
 
 
-def build_manifest(staging: Path, run: TrainerRunConfig, metrics: dict[str, float]) -> AdapterManifest:
+def build_manifest(staging: Path, run: TrainerRunConfig, metrics: dict[str, float],
+                   extra: Mapping[str, Any] | None = None) -> AdapterManifest:
+    """``extra``: manifest fields only some adapters have (a combined adapter's inputs)."""
     files = hash_tree(staging)
     cfg = json.loads((staging / "adapter_config.json").read_text(encoding="utf-8"))
     spec = run.spec
@@ -126,10 +129,11 @@ def build_manifest(staging: Path, run: TrainerRunConfig, metrics: dict[str, floa
         lora_alpha=float(cfg.get("lora_alpha", spec.lora.alpha)),
         target_modules=sorted(cfg["target_modules"]) if isinstance(cfg.get("target_modules"), list)
         else spec.lora.target_modules_value,
-        method=spec.method,
+        method="combine" if spec.combine is not None else spec.method,
         metrics=metrics,
         created_at=now_rfc3339(),
         source=f"{run.namespace}/{run.name}@{run.revision}",
+        **(extra or {}),
     )
 
 
@@ -177,7 +181,7 @@ def _publish_remote(staging: Path, loc: Location, manifest: AdapterManifest) -> 
 def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: dict[str, float],
                     save_tokenizer: bool = False, state_dict: dict[str, Any] | None = None,
                     loaded_from: str | None = None, dataset_digest: str = "",
-                    ) -> tuple[AdapterManifest, AdapterInfo]:
+                    manifest_extra: Mapping[str, Any] | None = None) -> tuple[AdapterManifest, AdapterInfo]:
     """Save, hash and publish the trained adapter with its model card; return its manifest and the status
     summary."""
     rev_uri = revision_dir(run.spec.output.uri, run.revision)
@@ -192,7 +196,7 @@ def publish_adapter(model: Any, tokenizer: Any, run: TrainerRunConfig, metrics: 
     try:
         save_adapter(model, tokenizer, staging, run.spec.base_model.uri, save_tokenizer, state_dict, loaded_from)
         write_card(staging, run, metrics, dataset_digest)
-        manifest = build_manifest(staging, run, metrics)
+        manifest = build_manifest(staging, run, metrics, manifest_extra)
         if loc.is_local:
             _publish_local(staging, Path(loc.path), manifest)
         else:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from kubelora.api.cel import Rule, cel, quote
+from kubelora.api.combine import CombineSpec
 from kubelora.api.common import (
     AnyUri,
     ApiModel,
@@ -23,8 +24,11 @@ from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 DEFAULT_EVAL_SPLIT = 0.1
 TERMINAL = (JobPhase.SUCCEEDED, JobPhase.FAILED)
-TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training", "evaluation")
+TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training",
+                   "combine", "evaluation")
 """The LoRAJobSpec fields that define what is trained: frozen while a run is in progress."""
+DATASET_XOR_COMBINE = Rule("has(self.dataset) != has(self.combine)",
+                           "set either dataset (train an adapter) or combine (combine published adapters), not both")
 
 EVAL_SPLIT_XOR_URI = Rule("!has(self.evalUri) || !has(self.evalSplit) || self.evalSplit == 0.0",
                           "dataset: set either evalSplit or evalUri, not both")
@@ -207,12 +211,16 @@ class OutputSpec(ApiModel):
 class LoRAJobSpec(ApiModel):
     """Desired state of a LoRAJob."""
 
-    model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA, FSDP_NEEDS_PROCESSES))
+    model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA, FSDP_NEEDS_PROCESSES,
+                                                    DATASET_XOR_COMBINE))
 
     base_model: BaseModelSource
     """The model to fine-tune."""
-    dataset: DatasetSource
-    """The training (and optional evaluation) data."""
+    dataset: DatasetSource | None = None
+    """The training (and optional evaluation) data; set this or combine."""
+    combine: CombineSpec | None = None
+    """Combine published adapters into a new one instead of training (peft add_weighted_adapter); set this or
+    dataset. method, lora and training do not apply (training.seed seeds DARE's random drop)."""
     output: OutputSpec
     """Where the adapter is published."""
     method: Literal["qlora", "lora"] = "qlora"
@@ -245,6 +253,19 @@ class LoRAJobSpec(ApiModel):
         if self.method == "lora" and self.quantization is not None:
             raise ValueError(QUANTIZATION_ONLY_FOR_QLORA.message)
         return self
+
+    @model_validator(mode="after")
+    def _dataset_xor_combine(self) -> LoRAJobSpec:
+        if (self.dataset is None) == (self.combine is None):
+            raise ValueError(DATASET_XOR_COMBINE.message)
+        return self
+
+    @property
+    def training_dataset(self) -> DatasetSource:
+        """The dataset of a training run (every spec without combine has one)."""
+        if self.dataset is None:
+            raise ValueError("this LoRAJob combines adapters; it has no dataset")
+        return self.dataset
 
     @model_validator(mode="after")
     def _fsdp_needs_processes(self) -> LoRAJobSpec:

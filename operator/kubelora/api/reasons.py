@@ -73,6 +73,9 @@ class Reason(StrEnum):
     """Validated=Unknown: the pre-flight Job is running."""
     VALIDATION_PASSED = "ValidationPassed"
     """Validated=True: pre-flight read the dataset and base model."""
+    WAITING_FOR_INPUTS = "WaitingForInputs"
+    """Validated=Unknown: a LoRAJob named in spec.combine.inputs has published no adapter yet; pre-flight starts
+    once every one has."""
     INVALID_DATASET = "InvalidDataset"
     """Validated=False: the dataset is unreadable or malformed; the message names file and line."""
     BASE_MODEL_UNAVAILABLE = "BaseModelUnavailable"

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from kubelora.api.adapterdeployment import ADAPTER_NAME_PATTERN, AdapterState
+from kubelora.api.combine import CombinedInputRecord, ResolvedInput
 from kubelora.api.common import ApiModel, Digest
 from kubelora.api.evaluation import EvaluationResult
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
@@ -35,6 +36,8 @@ class TrainerRunConfig(ApiModel):
     namespace: str
     revision: int = Field(ge=1)
     spec: LoRAJobSpec
+    combine_inputs: list[ResolvedInput] = Field(default_factory=list)
+    """spec.combine.inputs with every loraJobRef resolved by the operator to the uri and digest it published."""
 
 
 class ValidationStats(ApiModel):
@@ -76,11 +79,16 @@ class AdapterManifest(ApiModel):
     rank: int
     lora_alpha: float
     target_modules: list[str] | str
-    method: Literal["qlora", "lora"]
+    method: Literal["qlora", "lora", "combine"]
+    """How the adapter was made: trained (qlora, lora) or combined from others (combine)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: str
     source: str = ""
     """namespace/name@revision of the LoRAJob that produced it."""
+    inputs: list[CombinedInputRecord] = Field(default_factory=list)
+    """A combined adapter's inputs: uri, digest and weight of each."""
+    combine_method: str | None = None
+    """A combined adapter's method (linear, ties, dare_linear, dare_ties, cat)."""
 
 
 class DesiredAdapter(ApiModel):

@@ -29,6 +29,13 @@ from kubelora.handlers import logs, metrics
 from kubelora.handlers.kube import MERGE_PATCH, Api, ApiError, path
 from kubelora.reconcile.lorajob import Plan, reconcile
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete
+from kubelora.reconcile.lorajob_inputs import (
+    INPUT_POLL_SECONDS,
+    awaits_inputs,
+    needs_inputs,
+    published_adapter,
+    referenced_jobs,
+)
 from kubelora.reconcile.lorajob_object import LoRAJobObject, parse_lorajob
 from kubelora.reconcile.lorajob_observed import Observed, controller_uid, job_state, pod_state
 from kubelora.reconcile.lorajob_status import TERMINAL, blocked_status, status_patch
@@ -144,7 +151,9 @@ class Reconciler:
             if body["metadata"].get("deletionTimestamp"):
                 return  # garbage collection removes the children; nothing to report any more
             job = parse_lorajob(body)
-            observed = await self._fill_gaps(job, observe(name))
+            observed = await self._with_inputs(job, await self._fill_gaps(job, observe(name)))
+            if awaits_inputs(job, observed):
+                self._retry(key, observe, INPUT_POLL_SECONDS)
             plan = reconcile(job, observed, await self._run_config(job), self.settings, now_rfc3339())
             if not await self._apply(job, plan):
                 return
@@ -177,6 +186,23 @@ class Reconciler:
                                                 params={"labelSelector": f"{JOB_NAME_LABEL}={child.name}"})
                 pods = [p for p in pods if p.job_name != child.name] + [pod_state(p) for p in listed.get("items", [])]
         return replace(observed, jobs=tuple(jobs), pods=tuple(pods))
+
+    async def _with_inputs(self, job: LoRAJobObject, observed: Observed) -> Observed:
+        """What the LoRAJobs named in spec.combine.inputs published (read only while pre-flight has not begun)."""
+        if not needs_inputs(job, observed):
+            return observed
+        published: dict[str, tuple[str, str]] = {}
+        for ref in referenced_jobs(job.spec):
+            try:
+                body = await self.api.request("GET", path(LORAJOB_API, "LoRAJob", job.ref.namespace, ref))
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                continue
+            found = published_adapter(body)
+            if found is not None:
+                published[ref] = found
+        return replace(observed, inputs=published)
 
     async def _run_config(self, job: LoRAJobObject) -> TrainerRunConfig | None:
         """The frozen spec of the current revision; only needed once the spec moved on from it."""

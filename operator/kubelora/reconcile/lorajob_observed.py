@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -129,6 +129,8 @@ class Observed:
 
     jobs: tuple[JobState, ...] = ()
     pods: tuple[PodState, ...] = ()
+    inputs: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    """LoRAJobs named in spec.combine.inputs that published an adapter: name -> (uri, digest)."""
 
     def owned_by(self, uid: str) -> Observed:
         """Only the children of the LoRAJob with this uid: Jobs it controls, and the pods of those Jobs.
@@ -138,7 +140,7 @@ class Observed:
         """
         jobs = tuple(j for j in self.jobs if j.owner_uid == uid)
         uids = {j.uid for j in jobs}
-        return Observed(jobs=jobs, pods=tuple(p for p in self.pods if p.owner_uid in uids))
+        return Observed(jobs=jobs, pods=tuple(p for p in self.pods if p.owner_uid in uids), inputs=self.inputs)
 
     def job(self, name: str | None) -> JobState | None:
         return next((j for j in self.jobs if j.name == name), None) if name else None

@@ -19,6 +19,7 @@ from kubelora.api.reasons import ConditionType, JobPhase, Reason
 from kubelora.api.runtime import TrainerResult
 from kubelora.api.uris import is_within
 from kubelora.reconcile.lorajob_actions import Action, Create, Delete, Suspend
+from kubelora.reconcile.lorajob_inputs import combine_inputs, input_uris, waiting_for
 from kubelora.reconcile.lorajob_object import clip
 from kubelora.reconcile.lorajob_observed import JobState, Observed, PodState
 from kubelora.reconcile.lorajob_promotion import promotion_updates
@@ -95,8 +96,11 @@ def _validation(run: RunInput) -> Verdict | Outcome | list[Action]:
     if vjob is None:
         if run.spec is None:
             return []
-        return [Create(trainer_config_map(run.job, run.revision, run.spec)),
-                Create(validation_job(run.job, run.spec, run.revision, run.settings))]
+        inputs, missing = combine_inputs(run.spec, run.job.namespace, run.observed)
+        if missing:
+            return Verdict("Unknown", Reason.WAITING_FOR_INPUTS, waiting_for(missing))
+        return [Create(trainer_config_map(run.job, run.revision, run.spec, inputs)),
+                Create(validation_job(run.job, run.spec, run.revision, run.settings, inputs=input_uris(inputs)))]
     pods = run.observed.pods_of(vname)
     failed, passed = _last(pods, "Failed"), _last(pods, "Succeeded")
     result = _result(failed or passed)
@@ -225,13 +229,15 @@ def _start_training(run: RunInput, verdict: Verdict) -> RunStep:
     if run.spec is None:
         return RunStep(Outcome(phase, Reason.JOB_CREATED, "waiting for a valid spec to start training", verdict))
     actions: list[Action] = [Create(m) for m in trainer_identity(run.job)]
+    inputs, _ = combine_inputs(run.spec, run.job.namespace, run.observed)
     if run.observed.job(validation_job_name(run.job.name, run.revision)) is None:
         # The ConfigMap was created before the pre-flight Job; re-create it only if that is gone too.
-        actions.append(Create(trainer_config_map(run.job, run.revision, run.spec)))
+        actions.append(Create(trainer_config_map(run.job, run.revision, run.spec, inputs)))
     if run.spec.resources.nodes > 1:
         # The pods' DNS names must exist before they start: node 0's name is every node's rendezvous.
         actions.append(Create(rendezvous_service(run.job, run.revision, generation)))
-    actions.append(Create(training_job(run.job, run.spec, run.revision, generation, run.settings)))
+    actions.append(Create(training_job(run.job, run.spec, run.revision, generation, run.settings,
+                                       inputs=input_uris(inputs))))
     updates = {"job_name": name, "attempts": 1, "start_time": run.status.start_time or run.now,
                "completion_time": None}
     message = f"training Job {name} created; waiting for its pod to start"  # as _running says: no rewrite

@@ -12,9 +12,10 @@ All are owned by the LoRAJob and go away with it by garbage collection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kubelora.api.combine import ResolvedInput
 from kubelora.api.common import GROUP
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.meta import ObjectRef
@@ -32,14 +33,20 @@ CONFIG_KEY = "job.json"
 STATUS_RESOURCE = "lorajobs/status"
 
 
-def run_config(job: ObjectRef, revision: int, spec: LoRAJobSpec) -> TrainerRunConfig:
-    return TrainerRunConfig(name=job.name, namespace=job.namespace, revision=revision, spec=spec)
+def run_config(job: ObjectRef, revision: int, spec: LoRAJobSpec,
+               combine_inputs: Sequence[ResolvedInput] = ()) -> TrainerRunConfig:
+    return TrainerRunConfig(name=job.name, namespace=job.namespace, revision=revision, spec=spec,
+                            combine_inputs=list(combine_inputs))
 
 
-def trainer_config_map(job: ObjectRef, revision: int, spec: LoRAJobSpec) -> Manifest:
-    """ConfigMap ``<job>-trainer-<revision>`` holding ``job.json``, mounted at /etc/kubelora in the pods."""
+def trainer_config_map(job: ObjectRef, revision: int, spec: LoRAJobSpec,
+                       combine_inputs: Sequence[ResolvedInput] = ()) -> Manifest:
+    """ConfigMap ``<job>-trainer-<revision>`` holding ``job.json``, mounted at /etc/kubelora in the pods.
+
+    ``combine_inputs``: spec.combine.inputs resolved (loraJobRef -> the uri and digest it published), fixed here
+    with the revision: a retried pod combines exactly the adapters the first one did."""
     name = job.name
-    config = run_config(job, revision, spec)
+    config = run_config(job, revision, spec, combine_inputs)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -31,7 +31,7 @@ of leaving the others to hang), and the new group resumes from the newest checkp
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from kubelora.api.common import Resources
 from kubelora.api.lorajob import LoRAJobSpec
@@ -104,11 +104,12 @@ def trainer_image(spec: LoRAJobSpec, settings: Settings) -> str:
     return spec.image or settings.trainer_image
 
 
-def _input_uris(spec: LoRAJobSpec) -> list[str | None]:
-    return [spec.base_model.uri, spec.dataset.uri, spec.dataset.eval_uri]
+def _input_uris(spec: LoRAJobSpec, inputs: Sequence[str] = ()) -> list[str | None]:
+    data = [spec.dataset.uri, spec.dataset.eval_uri] if spec.dataset is not None else []
+    return [spec.base_model.uri, *data, *inputs]
 
 
-def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int) -> tuple[
+def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int, inputs: Sequence[str] = ()) -> tuple[
         list[Manifest], list[Manifest]]:
     """Config at /etc/kubelora, scratch at HOME, input claims read-only, the output claim read-write, /dev/shm for
     GPUs."""
@@ -116,7 +117,7 @@ def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int) -> tup
     volumes: list[Manifest] = [{"name": CONFIG_VOLUME, "configMap": {"name": config}}, scratch_volume()]
     mounts: list[Manifest] = [{"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}, scratch_mount()]
     out_claims = pvc_claims([spec.output.uri])
-    in_claims = [c for c in pvc_claims(_input_uris(spec)) if c not in out_claims]
+    in_claims = [c for c in pvc_claims(_input_uris(spec, inputs)) if c not in out_claims]
     for claims, read_only in ((in_claims, True), (out_claims, False)):
         vols, mnts = pvc_volumes(claims, read_only=read_only)
         volumes += vols
@@ -128,26 +129,30 @@ def _volumes(job: ObjectRef, revision: int, spec: LoRAJobSpec, gpus: int) -> tup
     return volumes, mounts
 
 
-def _credentials(spec: LoRAJobSpec) -> list[Manifest]:
+def _credentials(spec: LoRAJobSpec, inputs: Sequence[str] = ()) -> list[Manifest]:
     """Secret keys as env (values never appear here); the first URI that names a key wins.
 
     pvc:// and file:// need no credentials, so a Secret named beside them adds nothing (it would
     otherwise shadow the AWS_* keys of an s3:// URI listed later).
     """
+    data = spec.dataset
     pairs = [(spec.base_model.uri, spec.base_model.credentials_secret_ref),
-             (spec.dataset.uri, spec.dataset.credentials_secret_ref),
-             (spec.dataset.eval_uri, spec.dataset.credentials_secret_ref),
-             (spec.output.uri, spec.output.credentials_secret_ref)]
+             *([(data.uri, data.credentials_secret_ref), (data.eval_uri, data.credentials_secret_ref)] if data else []),
+             (spec.output.uri, spec.output.credentials_secret_ref),
+             # Combined adapters live where adapters are published: the output's Secret reads them.
+             *((uri, spec.output.credentials_secret_ref) for uri in inputs)]
     return merge_env(*(credential_env(uri, secret) for uri, secret in pairs
                        if uri and not isinstance(parse_uri(uri), PvcURI | FileURI)))
 
 
 def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Settings, *,
                   component: str, command: list[str], resources: Resources, base_requests: Mapping[str, str],
-                  service_account: str | None, rendezvous: tuple[str, str] | None = None) -> Manifest:
-    """``rendezvous``: (training Job name, Service name) of a multi-node run."""
+                  service_account: str | None, rendezvous: tuple[str, str] | None = None,
+                  inputs: Sequence[str] = ()) -> Manifest:
+    """``rendezvous``: (training Job name, Service name) of a multi-node run; ``inputs``: resolved URIs of
+    spec.combine's adapters (mounted like the other inputs)."""
     name = job.name
-    volumes, mounts = _volumes(job, revision, spec, resources.gpus)
+    volumes, mounts = _volumes(job, revision, spec, resources.gpus, inputs)
     rdzv_env: list[Manifest] = []
     if rendezvous is not None:
         job_name, service = rendezvous
@@ -163,7 +168,7 @@ def _pod_template(job: ObjectRef, revision: int, spec: LoRAJobSpec, settings: Se
             pod_ip_env(),
             scratch_env(),
             rdzv_env,
-            _credentials(spec),
+            _credentials(spec, inputs),
         ),
         "resources": container_resources(resources, base_requests),
         "volumeMounts": mounts,
@@ -218,7 +223,7 @@ def _job(owner: ObjectRef, job_name: str, component: str, revision: int, templat
 
 
 def training_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, generation: int,
-                 settings: Settings) -> Manifest:
+                 settings: Settings, inputs: Sequence[str] = ()) -> Manifest:
     """Job ``<job>-train-<generation>``: trains ``revision`` (whose config is already in its ConfigMap)."""
     name = job.name
     job_name = training_job_name(name, generation)
@@ -226,7 +231,7 @@ def training_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, generation: i
     rendezvous = (job_name, rendezvous_service_name(name, generation)) if nodes > 1 else None
     template = _pod_template(job, revision, spec, settings, component=TRAINER_COMPONENT,
                              command=list(TRAIN_COMMAND), resources=spec.resources, base_requests={},
-                             service_account=trainer_identity_name(name), rendezvous=rendezvous)
+                             service_account=trainer_identity_name(name), rendezvous=rendezvous, inputs=inputs)
     return _job(job, job_name, TRAINER_COMPONENT, revision, template,
                 backoff_limit=spec.backoff_limit, deadline=spec.active_deadline_seconds, queue=spec.queue_name,
                 suspend=spec.suspend, nodes=nodes)
@@ -253,12 +258,13 @@ def rendezvous_service(job: ObjectRef, revision: int, generation: int) -> Manife
     }
 
 
-def validation_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, settings: Settings) -> Manifest:
+def validation_job(job: ObjectRef, spec: LoRAJobSpec, revision: int, settings: Settings,
+                   inputs: Sequence[str] = ()) -> Manifest:
     """Job ``<job>-validate-<revision>``: reads the dataset and base model, no GPU, never retried."""
     name = job.name
     resources = spec.resources.model_copy(update={"gpus": 0, "requests": {}, "limits": dict(PREFLIGHT_LIMITS)})
     template = _pod_template(job, revision, spec, settings, component=PREFLIGHT_COMPONENT,
                              command=[*TRAIN_COMMAND, VALIDATE_FLAG], resources=resources,
-                             base_requests=PREFLIGHT_REQUESTS, service_account=None)
+                             base_requests=PREFLIGHT_REQUESTS, service_account=None, inputs=inputs)
     return _job(job, validation_job_name(name, revision), PREFLIGHT_COMPONENT, revision, template,
                 backoff_limit=0, deadline=spec.active_deadline_seconds)
