@@ -163,7 +163,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def evaluate(trainer: Any, tokenizer: Any, spec: EvaluationSpec, eval_rows: list[Record],
-             references: list[ReferenceAnswer]) -> EvaluationResult:
+             references: list[ReferenceAnswer], stopped_early: bool = False) -> EvaluationResult:
     """Every number of :class:`EvaluationResult`, with the gate's verdict."""
     notes: list[str] = []
     adapter, base = EvalMetrics(), None
@@ -205,7 +205,7 @@ def evaluate(trainer: Any, tokenizer: Any, spec: EvaluationSpec, eval_rows: list
     result = EvaluationResult(
         eval_rows=len(eval_rows), references=len(references), adapter=adapter, base=base,
         improvement=improvement(adapter.loss, base.loss if base else None), samples=samples,
-        message="; ".join(notes))
+        stopped_early=stopped_early, message="; ".join(notes))
     result = with_gate(spec.gate, result)
     log.info("evaluation: %s", describe(result))
     return result

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from kubelora.api.common import GROUP, VERSION, now_rfc3339
+from kubelora.api.evaluation import LossSpike
 from kubelora.api.lorajob import AdapterInfo, Progress
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,11 @@ class ProgressTracker:
     def published(self, adapter: AdapterInfo) -> None:
         """Record the published adapter in the status, so the result outlives the pod and its termination message."""
         self._update(adapter=adapter)
+        self._emit(force=True)
+
+    def loss_spiked(self, spike: LossSpike) -> None:
+        """Record a loss spike in the status at once (the operator raises the LossSpike condition from it)."""
+        self._update(loss_spike=spike)
         self._emit(force=True)
 
     def close(self) -> None:

@@ -256,7 +256,7 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
                             device=device, output_dir=str(local_ckpts), world_size=rank.world_size,
                             fits_one_gpu=fits_one_gpu,
                             callbacks=[make_callback(tracker, on_save), stop.callback(rank),
-                                       *hooks.extra_callbacks])
+                                       _watch(run, pre, tracker), *hooks.extra_callbacks])
     if hooks.on_trainer is not None:
         hooks.on_trainer(trainer)
 
@@ -349,8 +349,17 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
 def _evaluate(run: TrainerRunConfig, trainer: Any, pre: Preflight) -> EvaluationResult:
     """Adapter vs base on the held-out set and the references (:mod:`kubelora_trainer.evaluate`)."""
     from kubelora_trainer.evaluate import evaluate
+    from kubelora_trainer.watch import stopped_early
 
-    return evaluate(trainer, pre.tokenizer, run.spec.evaluation, pre.splits.eval, pre.references)
+    return evaluate(trainer, pre.tokenizer, run.spec.evaluation, pre.splits.eval, pre.references,
+                    stopped_early=stopped_early(trainer))
+
+
+def _watch(run: TrainerRunConfig, pre: Preflight, tracker: ProgressTracker) -> Any:
+    """Early stopping and the loss-spike warning (:mod:`kubelora_trainer.watch`)."""
+    from kubelora_trainer.watch import make_watch_callback
+
+    return make_watch_callback(run.spec.evaluation, bool(pre.splits.eval), tracker.loss_spiked)
 
 
 def _metrics(trainer: Any, output: Any, train_seconds: float, resumed_from: int) -> dict[str, float]:

@@ -63,6 +63,29 @@ class EvaluationGate(ApiModel):
         return self
 
 
+class EarlyStopping(ApiModel):
+    """Stop when the eval loss has not improved for ``patience`` evaluations (every training.evalSteps)."""
+
+    patience: int = Field(default=3, ge=1, le=1000)
+    """Evaluations in a row without improvement before training stops. The best checkpoint is published when
+    training.saveSteps is a multiple of training.evalSteps (load_best_model_at_end), else the last weights."""
+    min_delta: float = Field(default=0.0, ge=0.0)
+    """Smallest decrease of the eval loss that counts as an improvement."""
+
+
+class LossSpike(ApiModel):
+    """A logged training loss far above the ones before it (status.progress.lossSpike, written by the trainer)."""
+
+    step: int = Field(ge=0)
+    """The optimizer step whose loss spiked (the first spike of the revision)."""
+    loss: float
+    """That step's training loss."""
+    median: float
+    """Median of the logged losses before it."""
+    count: int = Field(default=1, ge=1)
+    """Logged losses that spiked so far in this revision."""
+
+
 class EvaluationSpec(ApiModel):
     """What to measure on the held-out set after training, and what the adapter must reach to be promoted."""
 
@@ -80,6 +103,11 @@ class EvaluationSpec(ApiModel):
     """Longest generated answer (greedy decoding)."""
     samples: int = Field(default=3, ge=0, le=MAX_SAMPLES)
     """Generated answers kept in status.evaluation.samples and the model card."""
+    early_stopping: EarlyStopping | None = None
+    """Stop training once the eval loss stops improving (needs an eval set)."""
+    loss_spike_factor: float = Field(default=3.0, ge=1.1, le=1000.0)
+    """A logged training loss above this multiple of the median of the previous ones (at least 5, at most the last
+    20) sets the LossSpike condition and a Warning Event: often a learning rate that is too high."""
     gate: EvaluationGate | None = None
     """Bounds for promotion; without a gate every published adapter is promoted."""
 
@@ -136,6 +164,8 @@ class EvaluationResult(ApiModel):
     """The gate's verdict; None without a gate."""
     gate_message: str = ""
     """Which bound was missed (or that every bound was met)."""
+    stopped_early: bool = False
+    """Early stopping ended training before the planned steps."""
     message: str = ""
     """What could not be measured, and why (no eval set, an embedding model that did not load)."""
 
@@ -228,3 +258,11 @@ def from_metrics(metrics: dict[str, float]) -> EvaluationResult | None:
 
     base = pick("base_eval") if "base_eval_loss" in metrics else None
     return EvaluationResult(adapter=pick("eval"), base=base, improvement=metrics.get("eval_improvement"))
+
+
+def spike_message(spike: LossSpike) -> str:
+    """The LossSpike condition's message (also the trainer's log line)."""
+    ratio = spike.loss / spike.median if spike.median > 0 else float("inf")
+    return (f"training loss {spike.loss:g} at step {spike.step} is {ratio:.1f}x the median {spike.median:g} of the "
+            f"steps before it ({spike.count} spike(s) so far); a learning rate that is too high is the usual cause: "
+            "lower spec.training.learningRate or raise warmupRatio")

@@ -18,7 +18,7 @@ from kubelora.api.common import (
     SecretName,
     UriField,
 )
-from kubelora.api.evaluation import EvaluationResult, EvaluationSpec
+from kubelora.api.evaluation import EvaluationResult, EvaluationSpec, LossSpike
 from kubelora.api.merged import MergedModelInfo, MergedOutputSpec
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
@@ -232,7 +232,8 @@ class LoRAJobSpec(ApiModel):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     """Hyperparameters; frozen while a run is in progress."""
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    """Held-out metrics for the adapter and the base, reference answers and the promotion gate."""
+    """Held-out metrics for the adapter and the base, reference answers, early stopping, loss-spike warnings and
+    the promotion gate."""
     resources: TrainingResources = Field(default_factory=TrainingResources)
     """GPUs, nodes, requests, limits and placement of the training pods."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
@@ -361,6 +362,8 @@ class Progress(ApiModel):
     """When the trainer last wrote this (RFC 3339)."""
     adapter: AdapterInfo | None = None
     """Set by the trainer once the adapter is published: the result survives its pod."""
+    loss_spike: LossSpike | None = None
+    """Set by the trainer when a logged loss spiked (spec.evaluation.lossSpikeFactor): the LossSpike condition."""
 
 
 class LoRAJobStatus(ApiModel):

@@ -47,6 +47,7 @@ from kubelora.reconcile.lorajob_status import (
     status_patch,
     terminal_outcome,
 )
+from kubelora.reconcile.lorajob_watch import spike_unreported, with_loss_spike
 from kubelora.resources.lorajob_names import validation_job_name
 from kubelora.settings import Settings
 
@@ -94,7 +95,8 @@ def needs_reconcile(event_type: str | None, body: Mapping[str, Any]) -> bool:
     if event_type != "MODIFIED":
         return True
     status = body.get("status") or {}
-    return bool(status.get("observedGeneration") != body["metadata"].get("generation") or not status.get("phase"))
+    return bool(status.get("observedGeneration") != body["metadata"].get("generation") or not status.get("phase")
+                or spike_unreported(body))
 
 
 def training_changes(current: LoRAJobSpec, trained: LoRAJobSpec) -> list[str]:
@@ -175,6 +177,7 @@ def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConf
         **step.updates, "phase": outcome.phase, "observed_generation": generation, "message": outcome.message,
         "conditions": conditions(status.conditions, outcome, drift, generation, now)})
     new = with_promoted(new, generation, now)
+    new, spiked = with_loss_spike(new, None if "progress" in progress_patch else progress, generation, now)
     wire = new.wire()
     if outcome.phase == JobPhase.SUCCEEDED and progress is not None and progress.get("percent") != 100:
         progress_patch["progress"] = {"percent": 100}
@@ -183,4 +186,4 @@ def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConf
     return Plan(status=wire, patch={**status_patch(raw_status, wire), **progress_patch},
                 actions=(*actions, *step.actions), old_phase=raw_status.get("phase"),
                 requeue=finished_now and bool(changes) and spec is not None,
-                warnings=(not_promoted,) if not_promoted else ())
+                warnings=tuple(w for w in (not_promoted, spiked) if w))
