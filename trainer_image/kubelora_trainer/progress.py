@@ -190,6 +190,10 @@ class ProgressTracker:
             changes["epoch"] = _finite(logs["epoch"])
         if "eval_loss" in logs:
             changes["eval_loss"] = _finite(logs["eval_loss"], 4)
+        if "rewards/margins" in logs:  # DPO
+            changes["reward_margin"] = _finite(logs["rewards/margins"], 4)
+        if "rewards/accuracies" in logs:
+            changes["reward_accuracy"] = _finite(logs["rewards/accuracies"], 4)
         tokens = _finite(logs.get("num_tokens"))
         if tokens is not None:
             if self._last_tokens is not None and now > self._last_tokens[0] and tokens >= self._last_tokens[1]:

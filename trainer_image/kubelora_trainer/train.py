@@ -27,6 +27,8 @@ from kubelora_trainer.data import DatasetSplits, Record, load_splits
 from kubelora_trainer.errors import InvalidSpecError, TrainingFailedError, TrainingStoppedError
 from kubelora_trainer.merge import ensure_merged
 from kubelora_trainer.modelload import ModelRef, detect_device, load_base_model, load_tokenizer, resolve_base_model
+from kubelora_trainer.preference import LOSS_PLAN as PREFERENCE_LOSS
+from kubelora_trainer.preference import load_preference_splits, validate_preference_splits
 from kubelora_trainer.progress import ProgressSink, ProgressTracker, default_sinks, make_callback
 from kubelora_trainer.publish import existing_adapter, publish_adapter
 from kubelora_trainer.stopping import GracefulStop
@@ -67,17 +69,19 @@ def preflight(run: TrainerRunConfig, tokenizer_only: bool = True) -> Preflight:
     """Dataset checks, base model lookup, tokenizer, loss plan and token lengths (raises TrainerError)."""
     spec = run.spec
     t0 = time.monotonic()
-    splits = load_splits(spec.dataset, spec.training.seed)
+    dpo = spec.objective == "dpo"
+    splits = (load_preference_splits if dpo else load_splits)(spec.training_dataset, spec.training.seed)
     log.info("dataset %s: %d train / %d eval rows, format %s", spec.dataset.uri, len(splits.train),
              len(splits.eval), splits.format)
     ref = resolve_base_model(spec.base_model.uri, tokenizer_only=tokenizer_only)
     tokenizer = load_tokenizer(ref)
-    loss = plan_loss(tokenizer, splits.format)
+    loss = PREFERENCE_LOSS if dpo else plan_loss(tokenizer, splits.format)
     if loss.convert_to_prompt_completion:
         log.warning(loss.note)
     else:
         log.info(loss.note)
-    stats, splits = validate_splits(tokenizer, splits, spec.training.max_seq_length, loss)
+    stats, splits = (validate_preference_splits(tokenizer, splits, spec.training.max_seq_length) if dpo
+                     else validate_splits(tokenizer, splits, spec.training.max_seq_length, loss))
     gpu_memory = memory.quantity_bytes(spec.resources.gpu_memory) if spec.resources.gpu_memory else None
     check_memory(run, ref, gpu_memory)
     from kubelora_trainer.evaluate import load_references
@@ -151,7 +155,13 @@ def to_dataset(records: list[Record]) -> Any:
 def build_trainer(run: TrainerRunConfig, *, model: Any, tokenizer: Any, splits: DatasetSplits, loss: LossPlan,
                   device: mapping.Device, output_dir: str, callbacks: list[Any] | None = None,
                   world_size: int = 1, fits_one_gpu: bool = True) -> Any:
-    """The SFTTrainer this trainer uses (also what the throughput benchmark measures)."""
+    """The SFTTrainer this trainer uses (also what the throughput benchmark measures); DPOTrainer for dpo."""
+    if run.spec.objective == "dpo":
+        from kubelora_trainer.dpo import build_dpo_trainer
+
+        return build_dpo_trainer(run, model=model, tokenizer=tokenizer, splits=splits, device=device,
+                                 output_dir=output_dir, callbacks=callbacks, world_size=world_size,
+                                 fits_one_gpu=fits_one_gpu)
     from peft import LoraConfig
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
@@ -325,6 +335,10 @@ def _train_and_publish(run: TrainerRunConfig, trainer: Any, tracker: ProgressTra
             f"checkpoint-{trainer.state.global_step}; a restarted pod resumes from it")
 
     metrics = _metrics(trainer, output, train_seconds, resume.step if resume else 0)
+    if spec.objective == "dpo":
+        from kubelora_trainer.dpo import run_metrics
+
+        metrics.update(run_metrics(trainer.state.log_history))
     if spec.method == "qlora":
         metrics["base_linear4bit_layers"] = float(n4)
     evaluation = _evaluate(run, trainer, pre)

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from kubelora.api.alignment import DPO_NEEDS_A_DATASET, DpoSpec, Objective
 from kubelora.api.cel import Rule, cel, quote
 from kubelora.api.combine import CombineSpec
 from kubelora.api.common import (
@@ -25,7 +26,7 @@ from kubelora.api.reasons import ConditionType, JobPhase, Reason
 DEFAULT_EVAL_SPLIT = 0.1
 TERMINAL = (JobPhase.SUCCEEDED, JobPhase.FAILED)
 TRAINING_FIELDS = ("base_model", "dataset", "output", "method", "lora", "quantization", "training",
-                   "combine", "evaluation")
+                   "combine", "objective", "dpo", "evaluation")
 """The LoRAJobSpec fields that define what is trained: frozen while a run is in progress."""
 DATASET_XOR_COMBINE = Rule("has(self.dataset) != has(self.combine)",
                            "set either dataset (train an adapter) or combine (combine published adapters), not both")
@@ -212,7 +213,7 @@ class LoRAJobSpec(ApiModel):
     """Desired state of a LoRAJob."""
 
     model_config = ConfigDict(json_schema_extra=cel(QUANTIZATION_ONLY_FOR_QLORA, FSDP_NEEDS_PROCESSES,
-                                                    DATASET_XOR_COMBINE))
+                                                    DATASET_XOR_COMBINE, DPO_NEEDS_A_DATASET))
 
     base_model: BaseModelSource
     """The model to fine-tune."""
@@ -225,6 +226,12 @@ class LoRAJobSpec(ApiModel):
     """Where the adapter is published."""
     method: Literal["qlora", "lora"] = "qlora"
     """qlora loads the frozen base in 4 bits; lora in bf16/fp32."""
+    objective: Objective = "sft"
+    """sft: learn from examples (messages, prompt-completion, text). dpo: learn from preference pairs (rows of
+    prompt, chosen, rejected; strings or lists of messages; the prompt may be left implicit in conversations)
+    with TRL's DPOTrainer, the base model (adapter disabled) as the reference."""
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    """DPO hyperparameters (objective dpo only)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
     """The adapter's shape: rank, alpha, dropout, target modules."""
     quantization: QuantizationSpec | None = None
@@ -259,6 +266,12 @@ class LoRAJobSpec(ApiModel):
     def _dataset_xor_combine(self) -> LoRAJobSpec:
         if (self.dataset is None) == (self.combine is None):
             raise ValueError(DATASET_XOR_COMBINE.message)
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_needs_a_dataset(self) -> LoRAJobSpec:
+        if self.objective == "dpo" and self.dataset is None:
+            raise ValueError(DPO_NEEDS_A_DATASET.message)
         return self
 
     @property
@@ -352,6 +365,10 @@ class Progress(ApiModel):
     """Loss on the held-out set at the last evaluation."""
     learning_rate: float | None = None
     """Learning rate at the last logged step."""
+    reward_margin: float | None = None
+    """objective dpo: mean chosen-minus-rejected implicit reward at the last logged step (rewards/margins)."""
+    reward_accuracy: float | None = None
+    """objective dpo: fraction of pairs whose chosen answer out-scores the rejected one (rewards/accuracies)."""
     tokens_per_second: float | None = None
     """Training throughput over the last interval."""
     eta_seconds: int | None = None
