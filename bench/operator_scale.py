@@ -92,6 +92,9 @@ class Recorder:
             return Counter(self.counts)
 
 
+CLAIMS = ("models", "data", "adapters")
+
+
 def lorajob(name: str) -> dict[str, Any]:
     return {"apiVersion": "kubelora.io/v1alpha1", "kind": "LoRAJob", "metadata": {"name": name}, "spec": {
         "image": "ghcr.io/kubelora/noop", "method": "lora", "resources": {"gpus": 0},
@@ -135,6 +138,10 @@ def _measure(info: local_cluster.ClusterInfo, count: int, idle_seconds: float, c
     # What a pod's projected token volume needs (v1.24+ has no token Secrets): the SA and the root CA.
     wait_until(lambda: kube.get(f"/api/v1/namespaces/{NS}/serviceaccounts/default")
                and kube.get(f"/api/v1/namespaces/{NS}/configmaps/kube-root-ca.crt"), 30, "the namespace's SA")
+    for claim in CLAIMS:  # the scheduler keeps a pod whose claim does not exist Pending
+        kube.create(f"/api/v1/namespaces/{NS}/persistentvolumeclaims", {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     operator = OperatorProcess(kubeconfig=Path(info.kubeconfig), log_path=state_dir / "operator.log")
     if launcher:
         operator.launcher = launcher
