@@ -77,11 +77,15 @@ def test_metrics_endpoint_after_a_lorajob_succeeds(cluster: LocalCluster, namesp
     chain = [("Pending", "Validating"), ("Validating", "Running"), ("Running", "Succeeded")]
 
     def transitions() -> list[tuple[str, str, str]]:
-        return [(e["type"], e["reason"], e["message"].split(":")[0]) for e in env.events("bot")]
+        return [(e["type"], e["reason"], e["message"].split(":")[0]) for e in env.events("bot")
+                if e["reason"] != "ChatTemplate"]
 
     expected = sorted(("Normal", new, f"{old} -> {new}") for old, new in chain)
     cluster.wait_for(lambda: sorted(transitions()) == expected, timeout=15,
                      what=f"Normal Events {expected} (got {transitions()})")
+    # Besides the transitions, pre-flight's rendered first row, once (supervised tokens inside [[ ]]).
+    [template] = [e for e in env.events("bot") if e["reason"] == "ChatTemplate"]
+    assert template["type"] == "Normal" and "[[" in template["message"] and " as trained (" in template["message"]
     assert all(e.get("count", 1) == 1 for e in env.events("bot")), env.events("bot")
 
 

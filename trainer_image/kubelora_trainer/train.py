@@ -87,6 +87,9 @@ def preflight(run: TrainerRunConfig, tokenizer_only: bool = True) -> Preflight:
     from kubelora_trainer.evaluate import load_references
 
     references = load_references(spec.evaluation)
+    from kubelora_trainer.preflight_checks import rendered_rows
+
+    stats = stats.model_copy(update={"rendered": rendered_rows(tokenizer, splits.train, loss)})
     log.info("pre-flight passed in %.1fs: %s", time.monotonic() - t0, stats.model_dump_json(by_alias=True))
     return Preflight(splits, stats, tokenizer, ref, loss, references)
 
@@ -248,6 +251,8 @@ def train(run: TrainerRunConfig, hooks: Hooks | None = None) -> TrainerResult:
     n4 = count_4bit_linear(model)
     log.info("base model loaded in %.1fs%s", time.monotonic() - t_load,
              f" ({n4} Linear4bit layers)" if spec.method == "qlora" else "")
+    if spec.preflight.overfit_batch is not None:
+        model = _overfit_check(run, model, pre, strategy)
     vocab_before = len(pre.tokenizer)
 
     local_ckpts, remote, ckpt_uri = _checkpoint_dirs(run)
@@ -367,6 +372,24 @@ def _evaluate(run: TrainerRunConfig, trainer: Any, pre: Preflight) -> Evaluation
 
     return evaluate(trainer, pre.tokenizer, run.spec.evaluation, pre.splits.eval, pre.references,
                     stopped_early=stopped_early(trainer))
+
+
+def _overfit_check(run: TrainerRunConfig, model: Any, pre: Preflight, strategy: str) -> Any:
+    """preflight.overfitBatch before the long run (:mod:`kubelora_trainer.preflight_checks`); raises on a miss."""
+    from kubelora_trainer.preflight_checks import OverfitCheckFailedError, overfit_batch
+
+    cfg = run.spec.preflight.overfit_batch
+    assert cfg is not None
+    if strategy == "fsdp":
+        log.warning("preflight.overfitBatch is skipped with FSDP: the smoke run needs the whole model in one process")
+        return model
+    model, result = overfit_batch(model, pre.tokenizer, pre.splits.train, pre.loss, cfg,
+                                  mapping.lora_kwargs(run.spec.lora),
+                                  cfg.learning_rate or run.spec.training.learning_rate)
+    pre.stats = pre.stats.model_copy(update={"overfit": result})
+    if not result.passed:
+        raise OverfitCheckFailedError(f"preflight.overfitBatch failed: {result.message}")
+    return model
 
 
 def _watch(run: TrainerRunConfig, pre: Preflight, tracker: ProgressTracker) -> Any:

@@ -21,6 +21,7 @@ from kubelora.api.common import (
 )
 from kubelora.api.evaluation import EvaluationResult, EvaluationSpec, LossSpike
 from kubelora.api.merged import MergedModelInfo, MergedOutputSpec
+from kubelora.api.preflight import PreflightSpec
 from kubelora.api.reasons import ConditionType, JobPhase, Reason
 
 DEFAULT_EVAL_SPLIT = 0.1
@@ -241,6 +242,8 @@ class LoRAJobSpec(ApiModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     """Held-out metrics for the adapter and the base, reference answers, early stopping, loss-spike warnings and
     the promotion gate."""
+    preflight: PreflightSpec = Field(default_factory=PreflightSpec)
+    """Extra pre-flight checks: the overfit-batch smoke run before the long run."""
     resources: TrainingResources = Field(default_factory=TrainingResources)
     """GPUs, nodes, requests, limits and placement of the training pods."""
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)

@@ -111,6 +111,8 @@ class Reason(StrEnum):
     """LossSpike=True: a logged training loss exceeded the median of the previous ones by the spike factor."""
     LOSS_STEADY = "LossSteady"
     """LossSpike=False: no spike seen in this revision so far."""
+    CHAT_TEMPLATE = "ChatTemplate"
+    """Normal Event when pre-flight passes: the first training row as rendered, supervised tokens in [[ ]]."""
     QUEUED = "Queued"
     """Reconciling=True: Kueue holds the training Job until its ClusterQueue has quota."""
     UNSCHEDULABLE = "Unschedulable"

@@ -15,6 +15,7 @@ from kubelora.api.common import ApiModel, Digest
 from kubelora.api.evaluation import EvaluationResult
 from kubelora.api.lorajob import AdapterInfo, LoRAJobSpec
 from kubelora.api.merged import MergedModelInfo
+from kubelora.api.preflight import OverfitResult, RenderedRow
 
 MANIFEST_FILE = "kubelora-manifest.json"
 EXIT_OK = 0
@@ -49,6 +50,10 @@ class ValidationStats(ApiModel):
     max_tokens: int | None = None
     mean_tokens: float | None = None
     total_tokens: int | None = None
+    rendered: list[RenderedRow] = Field(default_factory=list)
+    """The first training rows as the trainer tokenizes them, supervised tokens between [[ and ]]."""
+    overfit: OverfitResult | None = None
+    """preflight.overfitBatch's result (training pod)."""
 
 
 class TrainerResult(ApiModel):

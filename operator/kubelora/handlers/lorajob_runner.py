@@ -302,6 +302,8 @@ class Reconciler:
             post_transition(ref, plan)
         for reason, message in plan.warnings:
             warn(ref, reason, message)
+        for reason, message in plan.notices:
+            notice(ref, reason, message)
         return True
 
     async def _patch_status(self, ref: ObjectRef, patch: Mapping[str, Any]) -> bool:
@@ -321,6 +323,11 @@ class Reconciler:
 def warn(ref: ObjectRef, reason: str, message: str) -> None:
     with contextlib.suppress(LookupError):  # outside a running operator (unit tests): kopf has no event queue
         kopf.warn(kopf.Body(ref.event_body()), reason=reason, message=message)  # type: ignore[arg-type]
+
+
+def notice(ref: ObjectRef, reason: str, message: str) -> None:
+    with contextlib.suppress(LookupError):  # outside a running operator (unit tests): kopf has no event queue
+        kopf.event(kopf.Body(ref.event_body()), type="Normal", reason=reason, message=message)  # type: ignore[arg-type]
 
 
 def post_transition(ref: ObjectRef, plan: Plan) -> None:

@@ -36,6 +36,7 @@ from kubelora.api.runtime import TrainerRunConfig
 from kubelora.reconcile.lorajob_actions import Action, Delete
 from kubelora.reconcile.lorajob_object import LoRAJobObject, clip
 from kubelora.reconcile.lorajob_observed import Observed
+from kubelora.reconcile.lorajob_preflight import template_notice
 from kubelora.reconcile.lorajob_promotion import gate_failure_event, with_promoted
 from kubelora.reconcile.lorajob_run import RunInput, RunStep, advance
 from kubelora.reconcile.lorajob_status import (
@@ -66,6 +67,8 @@ class Plan:
     """Reconcile again at once: a run just ended and a pending spec change starts the next one."""
     warnings: tuple[tuple[str, str], ...] = ()
     """(reason, message) of Warning Events to post once the status is written (a run that was not promoted)."""
+    notices: tuple[tuple[str, str], ...] = ()
+    """(reason, message) of Normal Events to post once the status is written (the rendered pre-flight row)."""
 
     @property
     def phase(self) -> str:
@@ -186,4 +189,5 @@ def reconcile(job: LoRAJobObject, observed: Observed, run_config: TrainerRunConf
     return Plan(status=wire, patch={**status_patch(raw_status, wire), **progress_patch},
                 actions=(*actions, *step.actions), old_phase=raw_status.get("phase"),
                 requeue=finished_now and bool(changes) and spec is not None,
-                warnings=tuple(w for w in (not_promoted, spiked) if w))
+                warnings=tuple(w for w in (not_promoted, spiked) if w),
+                notices=tuple(n for n in (template_notice(observed, job.ref.name, old, new),) if n))
