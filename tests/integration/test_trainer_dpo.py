@@ -119,3 +119,11 @@ def test_each_malformed_preference_dataset_fails_preflight_with_file_and_line(
     assert f"file://{data} line {line}" in message, message
     assert words in message, message
     assert info.value.reason == "InvalidDataset"
+
+
+def test_preflight_renders_preference_rows_with_the_chosen_answer_marked(tiny_llama: Path, tmp_path: Path) -> None:
+    from kubelora_trainer.train import validate_only
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(8, conversational=True))
+    rendered = validate_only(dpo_run(tmp_path, tiny_llama, data)).validation.rendered  # type: ignore[union-attr]
+    assert rendered and all("<|im_start|>assistant\n[[" in r.text and "No." not in r.text for r in rendered), rendered

@@ -50,6 +50,10 @@ def _with_eos(tokenizer: Any, text: str) -> str:
 def loss_mask(tokenizer: Any, row: dict[str, Any], loss: LossPlan) -> tuple[list[int], list[int]]:
     """The row's token ids and a 0/1 mask of the tokens that carry the loss."""
     template = loss.chat_template
+    if "chosen" in row:  # objective dpo: shown (and smoke-trained) as the prompt with its chosen answer
+        implicit = "prompt" not in row  # conversations whose turns before the last answer are the prompt
+        row = {"prompt": row["chosen"][:-1] if implicit else row["prompt"],
+               "completion": row["chosen"][-1:] if implicit else row["chosen"]}
     if "messages" in row:
         enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
                                             return_assistant_tokens_mask=loss.assistant_only_loss,
