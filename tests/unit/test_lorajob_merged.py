@@ -12,7 +12,7 @@ from kubelora.api.digest import EXCLUDED_DIRS
 from kubelora.api.lorajob import LoRAJobSpec
 from kubelora.api.merged import MERGED_DIR
 
-from .test_lorajob_world import ADAPTER, DIGEST, LATER, SPEC, job, merge, pod, running_world
+from .test_lorajob_world import ADAPTER, DIGEST, LATER, SPEC, config, job, merge, pod, running_world
 
 MERGED = {
     "uri": "pvc://adapters/bot/rev-1/merged",
@@ -59,3 +59,16 @@ def test_a_merged_model_outside_the_output_is_not_published() -> None:
 def test_the_adapter_digest_leaves_the_merged_folder_out() -> None:
     """Asking for a merged copy must not change (or break the verification of) the adapter beside it."""
     assert MERGED_DIR in EXCLUDED_DIRS
+
+
+def test_a_new_revision_drops_the_previous_merged_model() -> None:
+    """status.merged describes this revision: a retrain must not leave the old merged model there as if new."""
+    world = running_world()
+    message = json.dumps({"ok": True, "reason": "Completed", "message": "", "adapter": ADAPTER, "merged": MERGED})
+    world.put(job("bot-train-1", succeeded=1, condition="Complete"),
+              pod("p1", "bot-train-1", "Succeeded", exit_code=0, message=message))
+    world.step(LATER)
+    assert world.status is not None and world.status["merged"] == MERGED
+    world.run_config = config()
+    plan = world.edit(training={"maxSteps": 30}).step(LATER)
+    assert plan.status["revision"] == 2 and "merged" not in plan.status
