@@ -27,9 +27,10 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
+from rich.text import Text
 
 from kubelora_local import cluster
+from kubelora_local.demo_summary import progress_line, summary
 from kubelora_local.kube import Kube, KubeError
 from kubelora_local.paths import default_state_dir, repo_root
 
@@ -94,40 +95,31 @@ def get(kube: Kube, plural: str, name: str) -> dict[str, Any]:
         raise
 
 
-def progress_table(job: dict[str, Any]) -> Table:
-    status = job.get("status", {})
-    progress = status.get("progress") or {}
-    table = Table(title=f"LoRAJob {job.get('metadata', {}).get('name', '?')}", show_lines=False)
-    for column in ("phase", "step", "percent", "loss", "evalLoss", "tokens/s", "eta s", "checkpoint"):
-        table.add_column(column)
-    table.add_row(
-        status.get("phase", "-"),
-        f"{progress.get('step', 0)}/{progress.get('totalSteps', '?')}",
-        f"{progress.get('percent', 0)}%",
-        _fmt(progress.get("loss")),
-        _fmt(progress.get("evalLoss")),
-        _fmt(progress.get("tokensPerSecond")),
-        str(progress.get("etaSeconds", "-")),
-        str(progress.get("lastCheckpoint") or "-"),
-    )
-    return table
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value if value is not None else "-")
-
-
 def wait_for_job(kube: Kube, name: str, timeout: float) -> dict[str, Any]:
+    """Follow the LoRAJob: one line that updates in a terminal, a new line per change in a plain log."""
     deadline = time.monotonic() + timeout
     job: dict[str, Any] = {}
-    with Live(progress_table({"metadata": {"name": name}}), console=console, refresh_per_second=2) as live:
+    last = ""
+    with Live(Text(""), console=console, refresh_per_second=2, transient=False) if console.is_terminal \
+            else contextlib.nullcontext() as live:
         while time.monotonic() < deadline:
             job = get(kube, "lorajobs", name)
-            live.update(progress_table(job))
+            line = progress_line(job)
+            if line != last:
+                if live is not None:
+                    live.update(Text(line))
+                else:
+                    say(line)
+                last = line
             if job.get("status", {}).get("phase") in ("Succeeded", "Failed"):
                 return job
             time.sleep(1)
     raise SystemExit(f"LoRAJob {name} did not finish in {timeout:.0f} s; see `kubectl describe lj {name}`")
+
+
+def say(line: str) -> None:
+    """A plain line: no markup, no highlighting, never wrapped (the summary lines are 80 columns already)."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]:
@@ -187,8 +179,8 @@ def run(state: Path) -> None:
     job = wait_for_job(kube, "tiny-chat", timeout=900)
     if job["status"]["phase"] != "Succeeded":
         raise SystemExit(f"LoRAJob failed: {job['status'].get('message')}")
-    adapter = job["status"]["adapter"]
-    console.print(f"[green]adapter[/] {adapter['uri']} {adapter['digest'][:19]}… ({adapter['sizeBytes']} bytes)")
+    for line in summary(job):
+        say(line)
     console.print(
         kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "adapterdeployment.yaml")).strip()
     )
