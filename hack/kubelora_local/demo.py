@@ -30,7 +30,7 @@ from rich.live import Live
 from rich.text import Text
 
 from kubelora_local import cluster
-from kubelora_local.demo_summary import progress_line, summary
+from kubelora_local.demo_summary import fit, progress_line, summary
 from kubelora_local.kube import Kube, KubeError
 from kubelora_local.paths import default_state_dir, repo_root
 
@@ -77,7 +77,11 @@ def stop_operator(state: Path) -> None:
 
 def seed_volumes(state: Path) -> None:
     """The tiny base model and the dataset, where the runner mounts the claims."""
+    import transformers
+
     from kubelora_local.tinymodel import build_tiny_model, write_chat_dataset
+
+    transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a log is not a terminal
 
     claims = state / "pvcs" / NAMESPACE
     model_dir = claims / "models" / "tiny-llama"
@@ -132,7 +136,7 @@ def wait_for_deployment(kube: Kube, name: str, timeout: float) -> dict[str, Any]
             f"AdapterDeployment {name}: {status.get('phase', 'Pending')}, adapters {status.get('adaptersReady', '-')}"
         )
         if line != last:
-            console.print(line)
+            say(line)
             last = line
         if status.get("phase") == "Ready":
             return ad
@@ -164,36 +168,36 @@ def ask(kube: Kube, deployment: str, model: str, question: str) -> str:
 
 def run(state: Path) -> None:
     started = time.monotonic()
-    console.rule("KubeLoRA demo")
-    console.print("1. local cluster  2. operator  3. tiny model + dataset  4. LoRAJob  5. AdapterDeployment  6. chat")
+    say(("== KubeLoRA demo " + "=" * 80)[:80])
+    say("1. local cluster  2. operator  3. tiny model + dataset")
+    say("4. LoRAJob  5. AdapterDeployment  6. chat")
     info = cluster.up(state)
     kube = info.client()
-    console.print(f"[green]cluster ready[/] at {info.server} (KUBECONFIG={info.kubeconfig})")
+    say(f"cluster ready at {info.server}")
+    say(f"  KUBECONFIG={info.kubeconfig}")
     stop_operator(state)
     start_operator(state, info.kubeconfig)
-    console.print(f"operator started; log: {state / 'operator.log'}")
+    say(f"operator started; log: {state / 'operator.log'}")
     seed_volumes(state)
-    console.print("tiny model at pvc://models/tiny-llama, dataset at pvc://datasets/chat.jsonl")
+    say("tiny model at pvc://models/tiny-llama, dataset at pvc://datasets/chat.jsonl")
     for manifest in ("storage.yaml", "lorajob.yaml"):
-        console.print(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / manifest)).strip())
+        say(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / manifest)).strip())
     job = wait_for_job(kube, "tiny-chat", timeout=900)
     if job["status"]["phase"] != "Succeeded":
         raise SystemExit(f"LoRAJob failed: {job['status'].get('message')}")
     for line in summary(job):
         say(line)
-    console.print(
-        kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "adapterdeployment.yaml")).strip()
-    )
+    say(kubectl(info.kubeconfig, "apply", "-n", NAMESPACE, "-f", str(EXAMPLES / "adapterdeployment.yaml")).strip())
     wait_for_deployment(kube, "tiny-chat", timeout=300)
     question = "What colour is the sky?"  # one of the dataset's facts
-    console.print(f"[bold]user[/]: {question}")
-    console.print(f"[bold]tiny-chat[/] (adapter): {ask(kube, 'tiny-chat', 'tiny-chat', question)!r}")
-    console.print(f"[bold]tiny-llama[/] (base): {ask(kube, 'tiny-chat', 'tiny-llama', question)!r}")
-    console.print(kubectl(info.kubeconfig, "get", "lj,ad", "-n", NAMESPACE))
-    console.print(
-        f"demo finished in {time.monotonic() - started:.0f} s. Stop it with `make demo-down`; "
-        f"explore with `export KUBECONFIG={info.kubeconfig}`."
-    )
+    say(f"user: {question}")
+    say(fit(f"tiny-chat (adapter): {ask(kube, 'tiny-chat', 'tiny-chat', question)!r}"))
+    say(fit(f"tiny-llama (base): {ask(kube, 'tiny-chat', 'tiny-llama', question)!r}"))
+    for kind in ("lj", "ad"):  # one kind at a time: no kind/ prefix, so the table fits 80 columns
+        for line in kubectl(info.kubeconfig, "get", kind, "-n", NAMESPACE).rstrip().splitlines():
+            say(line.rstrip())
+    say(f"demo finished in {time.monotonic() - started:.0f} s. Stop it with `make demo-down`; explore with")
+    say(f"  export KUBECONFIG={info.kubeconfig}")
 
 
 def main(argv: list[str] | None = None) -> int:
