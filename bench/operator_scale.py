@@ -35,6 +35,7 @@ from kubelora_local.kube import Kube, KubeError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.e2e
 
 from tests.e2e.operator_fixture import OperatorProcess
+from tests.reliability.orphans import delete_all_lorajobs, left
 
 NS = "scale"
 WATCHED = {  # kind -> collection path in the namespace
@@ -200,12 +201,22 @@ def _drive(info: local_cluster.ClusterInfo, kube: Kube, operator: OperatorProces
     sampling.set()
     recorder.stop.set()
     phases = Counter((i.get("status") or {}).get("phase") for i in kube.get(WATCHED["LoRAJob"])["items"])
+    # All of them deleted at once (one collection DELETE): the garbage collector and the operator must leave
+    # no child behind.
+    t_delete = time.monotonic()
+    delete_all_lorajobs(kube, NS)
+    deadline = t_delete + 600
+    while (remaining := left(kube, NS)) and time.monotonic() < deadline:
+        time.sleep(1)
+    t_gone = time.monotonic()
     lags = sorted(recorder.jobs_seen[name.replace("-validate-", "-train-")] - done
                   for name, done in recorder.jobs_done.items()
                   if "-validate-" in name and name.replace("-validate-", "-train-") in recorder.jobs_seen)
     last_preflight_done = max(t for n, t in recorder.jobs_done.items() if "-validate-" in n)
     return {
         "count": count,
+        "deleted_all_gone_seconds": round(t_gone - t_delete, 1),
+        "left_after_delete": remaining,
         "last_preflight_pod_done_seconds": round(last_preflight_done - t0, 1),
         "operator_reaction_p50_seconds": round(lags[len(lags) // 2], 2),
         "operator_reaction_p99_seconds": round(lags[int(len(lags) * 0.99)], 2),

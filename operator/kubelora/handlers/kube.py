@@ -99,7 +99,10 @@ class KubeApi:
                     # kr8s warns about API server versions newer than it was tested with; we send raw requests.
                     warnings.filterwarnings("ignore", message="Kubernetes version", category=UserWarning)
                     api = await kr8s.asyncio.api()
-                api.timeout = self._timeout
+                # Waiting for one of httpx's pooled connections (100) is queueing, not a failed call: with a
+                # pool timeout, a burst of reconciles (1,000 LoRAJobs at once) timed out waiting for a slot and
+                # retried, and every retry joined the same queue. Connect, read and write keep the timeout.
+                api.timeout = httpx.Timeout(self._timeout, pool=None)
                 self._api = api
             return self._api
 
