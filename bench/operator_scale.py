@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from kubelora_local.kube import Kube, KubeError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.e2e
 
 from tests.e2e.operator_fixture import OperatorProcess
-from tests.reliability.orphans import delete_all_lorajobs, left
+from tests.reliability.orphans import create_lorajobs, delete_all_lorajobs, left
 
 NS = "scale"
 WATCHED = {  # kind -> collection path in the namespace
@@ -173,8 +172,7 @@ def _drive(info: local_cluster.ClusterInfo, kube: Kube, operator: OperatorProces
     threading.Thread(target=sample, daemon=True).start()
     cpu0 = cpu_seconds(operator.pid)
     t0 = time.monotonic()
-    with ThreadPoolExecutor(creators) as pool:
-        list(pool.map(lambda i: kube.create(WATCHED["LoRAJob"], lorajob(f"lj-{i:05d}")), range(count)))
+    create_lorajobs(kube, NS, [lorajob(f"lj-{i:05d}") for i in range(count)], threads=creators)
     t_created = time.monotonic()
 
     def jobs(prefix: str) -> int:

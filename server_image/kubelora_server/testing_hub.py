@@ -113,13 +113,20 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_hub(hub: FakeHub) -> Iterator[str]:
-    """Run ``hub`` on a free local port for the duration of the block; yields its URL (for HF_ENDPOINT)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
-    thread = threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True)
+def serve_on_loopback(handler: type[BaseHTTPRequestHandler], name: str) -> Iterator[int]:
+    """Serve ``handler`` on a free loopback port in a thread for the duration of the block; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield int(server.server_address[1])
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def serve_hub(hub: FakeHub) -> Iterator[str]:
+    """Run ``hub`` on a free local port for the duration of the block; yields its URL (for HF_ENDPOINT)."""
+    with serve_on_loopback(_handler(hub), "fake-hub") as port:
+        yield f"http://127.0.0.1:{port}"

@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from kubelora_server.testing_hub import serve_on_loopback
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_CONFIG = b"{}"
@@ -94,11 +95,5 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
 @contextmanager
 def serve_registry(reg: FakeRegistry) -> Iterator[str]:
     """Run ``reg`` on a free loopback port; yields ``127.0.0.1:<port>`` (the registry part of an oci:// URI)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(reg))
-    thread = threading.Thread(target=server.serve_forever, name="fake-registry", daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_on_loopback(_handler(reg), "fake-registry") as port:
+        yield f"127.0.0.1:{port}"
